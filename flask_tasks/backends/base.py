@@ -1,0 +1,267 @@
+"""The result backend contract, and the encoding shared by every backend.
+
+A stored result is Celery's *meta* mapping::
+
+    {"task_id": str, "status": state, "result": value | exception dict | meta dict,
+     "traceback": str | None, "children": [], "date_done": ISO 8601 str | None,
+     # when known: "group_id", "parent_id";
+     # with TASKS_RESULT_EXTENDED: "name", "args", "kwargs", "worker", "retries", "queue"}
+
+An exception is stored as ``{"exc_type": "ZeroDivisionError", "exc_message":
+[args...], "exc_module": "builtins"}`` and rebuilt with its own type when
+that type can be found in an already imported module.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from kombu.serialization import dumps, loads, registry
+
+from .. import states
+from ..exceptions import DecodeError, EncodeError, TimeoutError
+
+OnMessage = Callable[[dict[str, Any]], None]
+
+_rebuilt: dict[tuple[str, str], type[BaseException]] = {}
+
+
+def exception_to_dict(exc: BaseException) -> dict[str, Any]:
+    """Encode ``exc`` the way Celery does (type name, args, module)."""
+    cls = type(exc)
+    args: list[Any] = []
+    for arg in exc.args:
+        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else repr(arg))
+    return {"exc_type": cls.__qualname__, "exc_message": args, "exc_module": cls.__module__}
+
+
+def exception_from_dict(data: Mapping[str, Any]) -> BaseException:
+    """Rebuild an exception stored by :func:`exception_to_dict` (or by Celery).
+
+    The original class is used when its module is already imported and the
+    name is an exception class there (modules are never imported on the
+    say-so of stored data); otherwise a stand-in class with the same name and
+    module is made, so ``type(exc).__name__`` still tells what happened.
+    """
+    name = str(data.get("exc_type") or "Exception")
+    module_name = str(data.get("exc_module") or "builtins")
+    message = data.get("exc_message", ())
+    args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
+    module = builtins if module_name == "builtins" else sys.modules.get(module_name)
+    cls: Any = module
+    for part in name.split("."):
+        cls = getattr(cls, part, None) if cls is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        key = (module_name, name)
+        cls = _rebuilt.get(key)
+        if cls is None:
+            cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
+            _rebuilt[key] = cls
+    try:
+        return cls(*args)  # type: ignore[no-any-return]
+    except Exception:
+        fallback = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
+        return fallback(*args)
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 (Celery's ``date_done`` format)."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+class Backend:
+    """Base class of result backends.
+
+    :param serializer: kombu serializer name for stored values (default ``json``).
+    :param expires: seconds a result is kept; ``None`` keeps it forever.
+    :param accept: content types allowed when decoding (default: the serializer's).
+
+    Subclasses implement :meth:`_set`, :meth:`_get`, :meth:`_delete` and may
+    override :meth:`wait_for` (when they can be woken instead of polled) and
+    :meth:`cleanup` (when expired results are not removed by the store itself).
+    """
+
+    #: True when :meth:`wait_for` must poll (``interval`` applies).
+    polls = True
+    #: True when the backend stores nothing (``disabled``).
+    disabled = False
+
+    def __init__(
+        self,
+        *,
+        serializer: str = "json",
+        expires: float | None = 86400.0,
+        accept: set[str] | None = None,
+    ) -> None:
+        self.serializer = serializer
+        self.content_type = registry.name_to_type.get(serializer, serializer)
+        self.expires = expires
+        self.accept = accept if accept is not None else {self.content_type}
+
+    # -- the storage contract ------------------------------------------------
+    def _set(self, task_id: str, meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _get(self, task_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _delete(self, task_id: str) -> None:
+        raise NotImplementedError
+
+    # -- encoding ------------------------------------------------------------
+    def encode(self, value: Any) -> bytes:
+        """Serialize ``value`` with the result serializer.
+
+        :raises EncodeError: the serializer cannot encode it.
+        """
+        try:
+            _, _, data = dumps(value, serializer=self.serializer)
+        except Exception as exc:
+            raise EncodeError(
+                f"The result cannot be encoded with the {self.serializer!r} result "
+                f"serializer: {exc}. Return only values it supports (for JSON: str, int, "
+                f"float, bool, None, list, dict)."
+            ) from exc
+        return data.encode("utf-8") if isinstance(data, str) else data
+
+    def decode(self, data: bytes | str) -> Any:
+        """Deserialize a stored value.
+
+        :raises DecodeError: the value is not valid for the serializer.
+        """
+        try:
+            return loads(data, self.content_type, "utf-8", accept=self.accept)
+        except Exception as exc:
+            raise DecodeError(f"A stored result cannot be decoded: {exc}") from exc
+
+    def make_meta(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        extended: bool = False,
+    ) -> dict[str, Any]:
+        """Build Celery's meta mapping for a state change (exceptions encoded)."""
+        if isinstance(result, BaseException):
+            result = exception_to_dict(result)
+        meta: dict[str, Any] = {
+            "status": state,
+            "result": result,
+            "traceback": traceback,
+            "children": [],
+            "date_done": now_iso() if state in states.READY_STATES else None,
+            "task_id": task_id,
+        }
+        if request is not None:
+            if getattr(request, "group", None):
+                meta["group_id"] = request.group
+            if getattr(request, "parent_id", None):
+                meta["parent_id"] = request.parent_id
+            if extended:
+                meta.update(
+                    name=request.task,
+                    args=request.args,
+                    kwargs=request.kwargs,
+                    worker=request.hostname,
+                    retries=request.retries,
+                    queue=(request.delivery_info or {}).get("routing_key"),
+                )
+        return meta
+
+    # -- public API ----------------------------------------------------------
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        extended: bool = False,
+    ) -> None:
+        """Store ``state`` and ``result`` (a value, an exception or a meta dict).
+
+        :raises EncodeError: ``result`` cannot be encoded; nothing is stored.
+        """
+        self._set(task_id, self.make_meta(task_id, result, state, traceback, request, extended))
+
+    def get_task_meta(self, task_id: str) -> dict[str, Any]:
+        """Return the stored meta, or a PENDING meta for an unknown id."""
+        meta = self._get(task_id)
+        if meta is None:
+            return {"status": states.PENDING, "result": None, "traceback": None,
+                    "children": [], "date_done": None, "task_id": task_id}
+        return meta
+
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        on_message: OnMessage | None = None,
+    ) -> dict[str, Any]:
+        """Block until the task is ready and return its meta, by polling.
+
+        :param timeout: seconds to wait at most (None: forever).
+        :param interval: seconds between polls.
+        :param on_message: called with each meta seen whose state changed.
+        :raises TimeoutError: not ready within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_state = None
+        while True:
+            meta = self.get_task_meta(task_id)
+            if on_message is not None and meta["status"] != last_state:
+                on_message(meta)
+            last_state = meta["status"]
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"Task {task_id} was not ready within {timeout} s "
+                                   f"(state {meta['status']}).")
+            sleep = interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic()))
+            time.sleep(sleep)
+
+    def forget(self, task_id: str) -> None:
+        """Delete the stored result of ``task_id`` (it reads as PENDING afterwards)."""
+        self._delete(task_id)
+
+    def cleanup(self) -> int:
+        """Remove expired results where the store does not do it itself.
+
+        :returns: how many results were removed.
+        """
+        return 0
+
+    def reset_after_fork(self) -> None:
+        """Drop connections inherited from the parent process (without closing them)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class DisabledBackend(Backend):
+    """``RESULT_BACKEND = "disabled"``: nothing is stored; reading results is an error."""
+
+    disabled = True
+    polls = False
+
+    def _set(self, task_id: str, meta: dict[str, Any]) -> None:
+        return None
+
+    def _get(self, task_id: str) -> dict[str, Any] | None:
+        from ..exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            "No result backend is configured (RESULT_BACKEND = 'disabled'), so task "
+            "states cannot be read. Set RESULT_BACKEND, e.g. 'redis://localhost:6379/1'."
+        )
+
+    def _delete(self, task_id: str) -> None:
+        return None

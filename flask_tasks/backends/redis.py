@@ -1,0 +1,117 @@
+"""Redis result backend, in Celery's layout.
+
+Each result is the JSON meta at key ``celery-task-meta-<id>`` (``SET`` with
+an expiry of ``expires`` seconds) and is also ``PUBLISH``-ed on a channel of
+the same name, in one pipelined round trip. :meth:`RedisBackend.wait_for`
+subscribes to that channel, so ``AsyncResult.get()`` wakes as soon as the
+result is stored instead of polling.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from .. import states
+from ..exceptions import TimeoutError
+from .base import Backend, OnMessage
+
+KEY_PREFIX = "celery-task-meta-"
+
+
+class RedisBackend(Backend):
+    """Results in Redis.
+
+    :param url: ``redis://[:password@]host[:port][/db]`` or ``rediss://`` (TLS),
+        any URL ``redis.Redis.from_url`` takes.
+    :param kwargs: see :class:`Backend`.
+    """
+
+    polls = False
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.url = url
+        self._client: redis.Redis | None = None
+        self._pid = os.getpid()
+
+    @property
+    def client(self) -> redis.Redis:
+        """The redis-py client, created on first use and anew after ``fork``."""
+        if self._client is None or self._pid != os.getpid():
+            self._client = redis.Redis.from_url(self.url, health_check_interval=30)
+            self._pid = os.getpid()
+        return self._client
+
+    def _set(self, task_id: str, meta: dict[str, Any]) -> None:
+        key = KEY_PREFIX + task_id
+        value = self.encode(meta)
+        pipe = self.client.pipeline(transaction=False)
+        if self.expires:
+            pipe.set(key, value, ex=max(1, int(self.expires)))
+        else:
+            pipe.set(key, value)
+        pipe.publish(key, value)
+        pipe.execute()
+
+    def _get(self, task_id: str) -> dict[str, Any] | None:
+        data = self.client.get(KEY_PREFIX + task_id)
+        return None if data is None else self.decode(data)  # type: ignore[arg-type]
+
+    def _delete(self, task_id: str) -> None:
+        self.client.delete(KEY_PREFIX + task_id)
+
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        on_message: OnMessage | None = None,
+    ) -> dict[str, Any]:
+        """Block until the task is ready; woken by the result's ``PUBLISH``.
+
+        ``interval`` is unused (nothing is polled). See :meth:`Backend.wait_for`.
+        """
+        meta = self.get_task_meta(task_id)
+        if meta["status"] in states.READY_STATES:
+            if on_message is not None:
+                on_message(meta)
+            return meta
+        key = KEY_PREFIX + task_id
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(key)
+            # The result may have been stored between the GET and SUBSCRIBE.
+            meta = self.get_task_meta(task_id)
+            if on_message is not None:
+                on_message(meta)
+            while meta["status"] not in states.READY_STATES:
+                wait = 1.0
+                if deadline is not None:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        raise TimeoutError(
+                            f"Task {task_id} was not ready within {timeout} s "
+                            f"(state {meta['status']})."
+                        )
+                message = pubsub.get_message(timeout=min(wait, 1.0))
+                if message is None or message.get("type") != "message":
+                    continue
+                meta = self.decode(message["data"])
+                if on_message is not None:
+                    on_message(meta)
+            return meta
+        finally:
+            pubsub.close()
+
+    def reset_after_fork(self) -> None:
+        self._client = None
+
+    def close(self) -> None:
+        if self._client is not None and self._pid == os.getpid():
+            self._client.close()
+        self._client = None

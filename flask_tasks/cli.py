@@ -1,0 +1,137 @@
+"""``flask tasks ...``: the click group registered on ``app.cli`` by ``init_app``.
+
+Thin: parse flags, then call the worker or the extension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+tasks_cli = AppGroup("tasks", help="Run workers and inspect tasks (flask_tasks).")
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+
+def _state() -> Any:
+    ext = current_app.extensions["tasks"]
+    return ext.state(current_app._get_current_object())
+
+
+def setup_logging(level: str) -> None:
+    """Send flask_tasks' and the app's log records to stderr at ``level`` (worker only)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise click.BadParameter(f"unknown log level {level!r}", param_hint="--loglevel")
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+
+
+def _split(_ctx: Any, _param: Any, value: tuple[str, ...]) -> list[str] | None:
+    names = [name.strip() for item in value for name in item.split(",") if name.strip()]
+    return names or None
+
+
+@tasks_cli.command("worker")
+@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default=None,
+              help="Pool: processes (default), threads, or the main thread.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None,
+              help="Processes/threads in the pool (default: the CPU count).")
+@click.option("-Q", "--queues", multiple=True, callback=_split,
+              help="Queues to consume, comma-separated (default: TASKS_DEFAULT_QUEUE).")
+@click.option("-l", "--loglevel", default="INFO", show_default=True,
+              help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+@click.option("-n", "--hostname", default=None, help="Node name (default: tasks@<host>).")
+@click.option("--prefetch-multiplier", type=click.IntRange(min=0), default=None,
+              help="Messages reserved per pool slot (0: unlimited; default 4).")
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None,
+              help="Replace a pool process after this many tasks.")
+def worker_command(pool: str | None, concurrency: int | None, queues: list[str] | None,
+                   loglevel: str, hostname: str | None, prefetch_multiplier: int | None,
+                   max_tasks_per_child: int | None) -> None:
+    """Start a worker that runs this app's tasks."""
+    from .worker.main import Worker
+
+    setup_logging(loglevel)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    worker = Worker(app, pool=pool, concurrency=concurrency, queues=queues, hostname=hostname,
+                    prefetch_multiplier=prefetch_multiplier,
+                    max_tasks_per_child=max_tasks_per_child)
+    click.echo(worker.banner())
+    worker.install_signal_handlers()
+    sys.exit(worker.start())
+
+
+@tasks_cli.command("list")
+def list_command() -> None:
+    """List the registered task names."""
+    for name in _state().task_names():
+        click.echo(name)
+
+
+@tasks_cli.command("call")
+@click.argument("name")
+@click.option("-a", "--args", "args_json", default="[]", help="Positional arguments as JSON.")
+@click.option("-k", "--kwargs", "kwargs_json", default="{}", help="Keyword arguments as JSON.")
+@click.option("-Q", "--queue", default=None, help="Queue to send to.")
+@click.option("--countdown", type=float, default=None, help="Seconds to wait before running.")
+def call_command(name: str, args_json: str, kwargs_json: str, queue: str | None,
+                 countdown: float | None) -> None:
+    """Send task NAME and print its id."""
+    try:
+        args, kwargs = json.loads(args_json), json.loads(kwargs_json)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from exc
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise click.BadParameter("--args must be a JSON list and --kwargs a JSON object")
+    ext = current_app.extensions["tasks"]
+    result = ext.send_task(name, args, kwargs, queue=queue, countdown=countdown)
+    click.echo(result.id)
+
+
+@tasks_cli.command("result")
+@click.argument("task_id")
+@click.option("--wait", "timeout", type=float, default=None,
+              help="Wait up to this many seconds for the task to be ready.")
+def result_command(task_id: str, timeout: float | None) -> None:
+    """Print the state and result of TASK_ID as JSON."""
+    result = current_app.extensions["tasks"].AsyncResult(task_id)
+    if timeout is not None:
+        result.get(timeout=timeout, propagate=False)
+    value = result.result
+    click.echo(json.dumps({
+        "id": task_id, "state": result.state,
+        "result": repr(value) if isinstance(value, BaseException) else value,
+        "traceback": result.traceback,
+    }, default=str, indent=2))
+
+
+@tasks_cli.command("purge")
+@click.option("-Q", "--queues", multiple=True, callback=_split,
+              help="Queues to empty (default: TASKS_DEFAULT_QUEUE).")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+def purge_command(queues: list[str] | None, force: bool) -> None:
+    """Delete every waiting message from the queues."""
+    from .publisher import broker_connection
+
+    state = _state()
+    names = queues or [state.config.default_queue]
+    if not force:
+        click.confirm(f"Delete all messages waiting in {', '.join(names)}?", abort=True)
+    total = 0
+    with broker_connection(state.broker_url, state.config.broker_transport_options) as conn:
+        channel = conn.default_channel
+        for name in names:
+            queue = state.router.queue(name)(channel)
+            queue.declare()
+            total += queue.purge() or 0
+    click.echo(f"Purged {total} message(s) from {', '.join(names)}.")

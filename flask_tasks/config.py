@@ -1,0 +1,181 @@
+"""Every setting flask_tasks reads, in one table, turned into a frozen :class:`Config`.
+
+Settings are read once, in :meth:`Tasks.init_app`, from ``app.config``.
+``BROKER_URL`` and ``RESULT_BACKEND`` keep the names of the Flask docs'
+Celery pattern (``CELERY_BROKER_URL`` / ``CELERY_RESULT_BACKEND`` are
+accepted as fallbacks); every other key is ``TASKS_<NAME>``. Durations are
+seconds. ``docs/configuration.md`` is generated from the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import ImproperlyConfigured
+
+DEFAULT_RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its ``app.config`` name, default, type and meaning."""
+
+    key: str
+    attr: str
+    default: Any
+    types: tuple[type, ...]
+    doc: str
+    fallbacks: tuple[str, ...] = ()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("BROKER_URL", "broker_url", None, (str,),
+            "Broker URL (``redis://``, ``rediss://``, ``amqp://``, ``embedded:////path``, "
+            "any kombu URL). Unset: the embedded broker, a SQLite file in ``app.instance_path``.",
+            ("CELERY_BROKER_URL",)),
+    Setting("RESULT_BACKEND", "result_backend", None, (str,),
+            "Where results go: ``redis://``/``rediss://``, ``db+<sqlalchemy-url>``, "
+            "``flask-sqlalchemy`` (the app's Flask-SQLAlchemy engine), ``disabled``. "
+            "Unset: the embedded backend, a SQLite file in ``app.instance_path``.",
+            ("CELERY_RESULT_BACKEND",)),
+    Setting("TASKS_ALWAYS_EAGER", "always_eager", False, (bool,),
+            "Run ``delay()``/``apply_async()`` in the calling process (for tests). The message "
+            "is still encoded and decoded, so what fails in production fails here."),
+    Setting("TASKS_EAGER_PROPAGATES", "eager_propagates", False, (bool,),
+            "In eager mode, raise the task's exception from ``delay()`` instead of storing it."),
+    Setting("TASKS_SERIALIZER", "serializer", "json", (str,),
+            "Serializer for task messages (any kombu serializer name)."),
+    Setting("TASKS_RESULT_SERIALIZER", "result_serializer", "json", (str,),
+            "Serializer for stored results."),
+    Setting("TASKS_ACCEPT_CONTENT", "accept_content", ("json",), (list, tuple),
+            "Serializer names or content types the worker accepts; anything else is rejected "
+            "and logged. Pickle is never accepted unless listed here."),
+    Setting("TASKS_COMPRESSION", "compression", None, (str,),
+            "Compress message bodies (``gzip``, ``bzip2``, ``zlib``, any kombu compression)."),
+    Setting("TASKS_DEFAULT_QUEUE", "default_queue", "celery", (str,),
+            "Queue used when neither the task, the call nor ``TASKS_ROUTES`` name one. "
+            "``celery`` by default so Celery workers and clients interoperate."),
+    Setting("TASKS_ROUTES", "routes", None, (dict, list, tuple),
+            "Routes: ``{'name or glob*': {'queue': 'q'}}``, a callable "
+            "``(name, args, kwargs, options) -> dict | str | None``, or a list of those."),
+    Setting("TASKS_DEFAULT_PRIORITY", "default_priority", None, (int,),
+            "Message priority when a call gives none (0-9; broker support varies)."),
+    Setting("TASKS_IGNORE_RESULT", "ignore_result", False, (bool,),
+            "Store no result for tasks that do not say otherwise."),
+    Setting("TASKS_TRACK_STARTED", "track_started", False, (bool,),
+            "Store RECEIVED when a worker takes the message and STARTED when the task starts "
+            "(two more writes per task) for tasks that do not say otherwise."),
+    Setting("TASKS_ACKS_LATE", "acks_late", False, (bool,),
+            "Acknowledge messages after the task ran instead of before (at-least-once)."),
+    Setting("TASKS_RESULT_EXPIRES", "result_expires", 86400.0, (int, float),
+            "Seconds a stored result is kept (0 or None: forever)."),
+    Setting("TASKS_RESULT_EXTENDED", "result_extended", False, (bool,),
+            "Also store the task name, args, kwargs, worker, retries and queue with the result."),
+    Setting("TASKS_PUBLISH_RETRY", "publish_retry", True, (bool,),
+            "Retry publishing when the broker connection fails."),
+    Setting("TASKS_PUBLISH_RETRY_POLICY", "publish_retry_policy", DEFAULT_RETRY_POLICY, (dict,),
+            "kombu retry policy for publishing: ``max_retries``, ``interval_start``, "
+            "``interval_step``, ``interval_max`` (seconds)."),
+    Setting("TASKS_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", None, (dict,),
+            "Options passed to the kombu transport (e.g. ``{'visibility_timeout': 3600}``)."),
+    Setting("TASKS_BROKER_POOL_LIMIT", "broker_pool_limit", 10, (int,),
+            "Connections kept in the publishing pool per process."),
+    Setting("TASKS_BROKER_CONNECTION_TIMEOUT", "broker_connection_timeout", 4.0, (int, float),
+            "Seconds to wait when connecting to the broker."),
+    Setting("TASKS_IMPORTS", "imports", (), (list, tuple),
+            "Modules the worker imports at start so their tasks are registered."),
+    Setting("TASKS_WORKER_POOL", "worker_pool", "prefork", (str,),
+            "Default pool: ``prefork`` (processes), ``threads`` or ``solo``."),
+    Setting("TASKS_WORKER_CONCURRENCY", "worker_concurrency", None, (int,),
+            "Default number of pool processes/threads (None: the CPU count)."),
+    Setting("TASKS_WORKER_PREFETCH_MULTIPLIER", "worker_prefetch_multiplier", 4, (int,),
+            "Messages a worker reserves per pool slot (0: no limit)."),
+    Setting("TASKS_WORKER_MAX_TASKS_PER_CHILD", "worker_max_tasks_per_child", None, (int,),
+            "Replace a pool process after this many tasks (None: never)."),
+    Setting("TASKS_EMBEDDED_DIR", "embedded_dir", None, (str,),
+            "Folder for the embedded broker and backend files (None: ``app.instance_path``)."),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one app, read once by :meth:`Tasks.init_app`. Immutable."""
+
+    broker_url: str | None = None
+    result_backend: str | None = None
+    always_eager: bool = False
+    eager_propagates: bool = False
+    serializer: str = "json"
+    result_serializer: str = "json"
+    accept_content: tuple[str, ...] = ("json",)
+    compression: str | None = None
+    default_queue: str = "celery"
+    routes: Any = None
+    default_priority: int | None = None
+    ignore_result: bool = False
+    track_started: bool = False
+    acks_late: bool = False
+    result_expires: float | None = 86400.0
+    result_extended: bool = False
+    publish_retry: bool = True
+    publish_retry_policy: Mapping[str, Any] = field(
+        default_factory=lambda: dict(DEFAULT_RETRY_POLICY)
+    )
+    broker_transport_options: Mapping[str, Any] | None = None
+    broker_pool_limit: int = 10
+    broker_connection_timeout: float = 4.0
+    imports: tuple[str, ...] = ()
+    worker_pool: str = "prefork"
+    worker_concurrency: int | None = None
+    worker_prefetch_multiplier: int = 4
+    worker_max_tasks_per_child: int | None = None
+    embedded_dir: str | None = None
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with ``changes`` applied (for tests and the CLI)."""
+        return dataclasses.replace(self, **changes)
+
+
+def load(mapping: Mapping[str, Any], instance_path: str | None = None) -> Config:
+    """Build a :class:`Config` from ``app.config``.
+
+    :param mapping: the Flask config (any mapping).
+    :param instance_path: the app's instance folder, the default home of the
+        embedded broker and backend files.
+    :raises ImproperlyConfigured: a value has the wrong type; the message
+        names the key and the expected type.
+    """
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = mapping.get(setting.key)
+        for fallback in setting.fallbacks:
+            if value is None:
+                value = mapping.get(fallback)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in setting.types and int in setting.types:
+            raise ImproperlyConfigured(f"{setting.key} must be a number, not {value!r}.")
+        if not isinstance(value, setting.types) and not (
+            setting.attr == "routes" and callable(value)
+        ):
+            names = " or ".join(t.__name__ for t in setting.types)
+            raise ImproperlyConfigured(
+                f"{setting.key} must be {names}, not {type(value).__name__} ({value!r})."
+            )
+        if setting.attr in ("accept_content", "imports"):
+            value = tuple(value)
+        values[setting.attr] = value
+    if values.get("embedded_dir") is None and instance_path is not None:
+        values["embedded_dir"] = os.fspath(instance_path)
+    if values.get("result_expires") == 0:
+        values["result_expires"] = None
+    return Config(**values)

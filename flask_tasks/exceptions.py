@@ -1,0 +1,137 @@
+"""Exceptions raised by flask_tasks.
+
+The hierarchy::
+
+    Exception
+    └── TasksError
+        ├── ImproperlyConfigured        bad or missing configuration
+        ├── NotRegistered               (also a KeyError) unknown task name
+        ├── EncodeError                 arguments/result the serializer cannot encode
+        ├── DecodeError                 a message or result that cannot be decoded
+        ├── TimeoutError                (also builtins.TimeoutError) AsyncResult.get() gave up
+        ├── TaskRevokedError            the task was revoked
+        ├── MaxRetriesExceededError     retry() past max_retries
+        ├── TimeLimitExceeded           hard time limit: the task was stopped
+        ├── Retry                       raised by Task.retry() to request a retry
+        ├── Ignore                      raise in a task: store nothing, ack the message
+        └── Reject                      raise in a task: reject (optionally requeue) the message
+    BaseException
+    └── SoftTimeLimitExceeded           raised inside a task when its soft limit passes
+
+Names follow Celery's (``celery.exceptions``) so code written for Celery
+catches the same things.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+
+class TasksError(Exception):
+    """Base class of every error flask_tasks raises on purpose."""
+
+
+class ImproperlyConfigured(TasksError):
+    """The configuration is missing or wrong; the message says what to change."""
+
+
+class NotRegistered(TasksError, KeyError):
+    """No task is registered under this name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "task not registered"
+
+
+class EncodeError(TasksError):
+    """A value could not be encoded by the serializer; nothing was sent."""
+
+
+class DecodeError(TasksError):
+    """A message or stored result could not be decoded."""
+
+
+class TimeoutError(TasksError, builtins.TimeoutError):  # noqa: A001 - Celery's name
+    """:meth:`AsyncResult.get` waited longer than its ``timeout``."""
+
+
+class TaskRevokedError(TasksError):
+    """The task was revoked before or while it ran."""
+
+
+class MaxRetriesExceededError(TasksError):
+    """:meth:`Task.retry` was called after ``max_retries`` retries."""
+
+
+class TimeLimitExceeded(TasksError):
+    """The task ran past its hard ``time_limit`` and was stopped."""
+
+
+class Retry(TasksError):
+    """Raised by :meth:`Task.retry` to ask the worker to run the task again.
+
+    :param message: why the task is retried.
+    :param exc: the exception that caused the retry, if any.
+    :param when: seconds (float) or an aware datetime: when to run it again.
+    """
+
+    def __init__(
+        self, message: str | None = None, exc: BaseException | None = None, when: Any = None
+    ) -> None:
+        self.message = message
+        self.exc = exc
+        self.when = when
+        super().__init__(message, exc, when)
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        return f"Retry in {self.when}s: {self.exc!r}" if self.exc else f"Retry in {self.when}s"
+
+
+class Ignore(TasksError):
+    """Raise in a task to make the worker store no state and acknowledge the message."""
+
+
+class Reject(TasksError):
+    """Raise in a task to reject its message.
+
+    :param reason: why, for the log.
+    :param requeue: ``True`` puts the message back on its queue; ``False``
+        (default) drops it (or dead-letters it where the broker can).
+    """
+
+    def __init__(self, reason: Any = None, requeue: bool = False) -> None:
+        self.reason = reason
+        self.requeue = requeue
+        super().__init__(reason, requeue)
+
+
+class SoftTimeLimitExceeded(BaseException):
+    """Raised inside a task when its ``soft_time_limit`` passes, so it can clean up.
+
+    A ``BaseException`` so that a broad ``except Exception`` in the task does
+    not swallow it by accident.
+    """
+
+
+class WorkerLostError(TasksError):
+    """The process running the task exited before the task finished."""
+
+
+__all__ = [
+    "DecodeError",
+    "EncodeError",
+    "Ignore",
+    "ImproperlyConfigured",
+    "MaxRetriesExceededError",
+    "NotRegistered",
+    "Reject",
+    "Retry",
+    "SoftTimeLimitExceeded",
+    "TaskRevokedError",
+    "TasksError",
+    "TimeLimitExceeded",
+    "TimeoutError",
+    "WorkerLostError",
+]

@@ -1,0 +1,395 @@
+"""The Flask extension: :class:`Tasks`, its ``init_app`` and per-app state."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+
+from flask import Flask, current_app, has_app_context
+
+from . import config as config_module
+from .backends.base import Backend, DisabledBackend
+from .config import Config
+from .exceptions import ImproperlyConfigured, NotRegistered
+from .protocol import accept_set, build, parse, to_datetime
+from .publisher import Publisher
+from .registry import Registry, shared_registry, unknown_task_message
+from .result import AsyncResult, EagerResult
+from .routing import Router
+from .signals import after_task_publish, before_task_publish, send_robust
+from .task import Task, current_request, make_task
+
+if TYPE_CHECKING:
+    from typing import Concatenate
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EMBEDDED_BROKER_FILE = "flask_tasks-broker.sqlite"
+EMBEDDED_RESULTS_FILE = "flask_tasks-results.sqlite"
+
+_all_extensions: weakref.WeakSet[Tasks] = weakref.WeakSet()
+
+
+def make_backend(url: str | None, config: Config,
+                 engine_factory: Callable[[], Any] | None = None) -> Backend:
+    """Create the result backend named by ``RESULT_BACKEND`` (no I/O yet).
+
+    :raises ImproperlyConfigured: the URL's scheme is not one we support.
+    """
+    common: dict[str, Any] = {"serializer": config.result_serializer,
+                              "expires": config.result_expires}
+    if url is None:
+        if not config.embedded_dir:
+            raise ImproperlyConfigured("RESULT_BACKEND is unset and the app has no instance "
+                                       "path for the embedded backend; set RESULT_BACKEND.")
+        from .backends.sql import SQLBackend
+
+        path = os.path.join(config.embedded_dir, EMBEDDED_RESULTS_FILE)
+        return SQLBackend(f"sqlite:///{path}", **common)
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        from .backends.redis import RedisBackend
+
+        return RedisBackend(url, **common)
+    if scheme.startswith("db+"):
+        from .backends.sql import SQLBackend
+
+        return SQLBackend(url[3:], **common)
+    if scheme == "flask-sqlalchemy":
+        if engine_factory is None:
+            raise ImproperlyConfigured("RESULT_BACKEND = 'flask-sqlalchemy' needs the app's "
+                                       "Flask-SQLAlchemy extension (db.init_app(app)).")
+        from .backends.sql import SQLBackend
+
+        return SQLBackend(engine_factory=engine_factory, **common)
+    if scheme == "disabled":
+        return DisabledBackend(**common)
+    raise ImproperlyConfigured(
+        f"RESULT_BACKEND {url.split('://')[0]!r} is not supported. Use 'redis://host:port/db', "
+        f"'rediss://...', 'db+<sqlalchemy url>' (e.g. 'db+postgresql://...'), "
+        f"'flask-sqlalchemy' (the app's database), 'disabled', or leave it unset for the "
+        f"embedded default."
+    )
+
+
+class AppState:
+    """Everything flask_tasks keeps for one app: config, router, backend, publisher.
+
+    Reached with ``tasks.state(app)``; the backend and the publisher are
+    created on first use, and reset in a forked child.
+    """
+
+    def __init__(self, tasks: Tasks, app: Flask, config: Config) -> None:
+        self.tasks = tasks
+        self.config = config
+        self.import_name = app.import_name
+        self.router = Router(config.routes, config.default_queue)
+        self.accept = accept_set(config.accept_content)
+        if config.broker_url:
+            self.broker_url = config.broker_url
+        elif config.embedded_dir:
+            from .transport.embedded import url_for_path
+
+            self.broker_url = url_for_path(os.path.join(config.embedded_dir, EMBEDDED_BROKER_FILE))
+        else:
+            raise ImproperlyConfigured("BROKER_URL is unset and the app has no instance path "
+                                       "for the embedded broker; set BROKER_URL.")
+        self.broker_is_embedded = not config.broker_url
+        self._app_ref = weakref.ref(app)
+        self._backend: Backend | None = None
+        self._publisher: Publisher | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The result backend (created on first use)."""
+        if self._backend is None:
+            engine_factory = None
+            if (self.config.result_backend or "").lower().startswith("flask-sqlalchemy"):
+                engine_factory = self._flask_sqlalchemy_engine
+            self._backend = make_backend(self.config.result_backend, self.config, engine_factory)
+        return self._backend
+
+    def _flask_sqlalchemy_engine(self) -> Any:
+        app = self._app_ref()
+        db = app.extensions.get("sqlalchemy") if app is not None else None
+        if db is None:
+            raise ImproperlyConfigured("RESULT_BACKEND = 'flask-sqlalchemy' but the app has no "
+                                       "Flask-SQLAlchemy extension; call db.init_app(app).")
+        bind = (self.config.result_backend or "").partition("://")[2] or None
+        with app.app_context():  # type: ignore[union-attr]
+            return db.engines[bind]
+
+    @property
+    def publisher(self) -> Publisher:
+        """The publisher (its connection is made on first publish)."""
+        if self._publisher is None:
+            self._publisher = Publisher(
+                self.broker_url,
+                transport_options=self.config.broker_transport_options,
+                pool_limit=self.config.broker_pool_limit,
+                connect_timeout=self.config.broker_connection_timeout,
+            )
+        return self._publisher
+
+    def get_task(self, name: str) -> Task[Any, Any] | None:
+        """The task registered as ``name`` on this app's ``Tasks`` or as a shared task."""
+        return self.tasks.registry.get(name) or shared_registry.get(name)
+
+    def task_names(self) -> list[str]:
+        """Every task name this app can run, sorted."""
+        return sorted(set(self.tasks.registry) | set(shared_registry))
+
+    def _option(self, task: Task[Any, Any] | None, attr: str, value: Any) -> Any:
+        if value is not None:
+            return value
+        return getattr(task, attr, None) if task is not None else None
+
+    def send_task(self, name: str, args: Sequence[Any] | None = None,
+                  kwargs: Mapping[str, Any] | None = None, *, task: Task[Any, Any] | None = None,
+                  countdown: float | None = None, eta: datetime | None = None,
+                  expires: float | timedelta | datetime | None = None,
+                  queue: str | None = None, priority: int | None = None,
+                  task_id: str | None = None, link: Any = None, link_error: Any = None,
+                  retry: bool | None = None, retry_policy: Mapping[str, Any] | None = None,
+                  serializer: str | None = None, compression: str | None = None,
+                  headers: Mapping[str, Any] | None = None, ignore_result: bool | None = None,
+                  time_limit: float | None = None, soft_time_limit: float | None = None,
+                  retries: int = 0, **options: Any) -> AsyncResult[Any]:
+        """Encode and publish one task message; see :meth:`Task.apply_async`."""
+        config = self.config
+        if config.always_eager:
+            local = task or self.get_task(name)
+            if local is None:
+                raise NotRegistered(unknown_task_message(name, len(self.task_names())))
+            return self.apply_eagerly(local, tuple(args or ()), dict(kwargs or {}),
+                                      task_id=task_id)
+        task_id = task_id or str(uuid.uuid4())
+        parent = current_request.get()
+        serializer = self._option(task, "serializer", serializer) or config.serializer
+        when = to_datetime(countdown) if countdown is not None else to_datetime(eta)
+        expires = self._option(task, "expires", expires)
+        ignore = self._option(task, "ignore_result", ignore_result)
+        message = build(
+            name, task_id, args, kwargs,
+            serializer=serializer,
+            root_id=(parent.root_id or parent.id) if parent and not parent.called_directly else None,
+            parent_id=parent.id if parent and not parent.called_directly else None,
+            retries=retries,
+            eta=when,
+            expires=to_datetime(expires),
+            time_limit=self._option(task, "time_limit", time_limit),
+            soft_time_limit=self._option(task, "soft_time_limit", soft_time_limit),
+            callbacks=_as_list(link),
+            errbacks=_as_list(link_error),
+            ignore_result=bool(ignore if ignore is not None else config.ignore_result),
+            extra_headers=headers,
+            group_id=options.pop("group_id", None),
+            group_index=options.pop("group_index", None),
+            chain=options.pop("chain", None),
+            chord=options.pop("chord", None),
+        )
+        if options:
+            raise TypeError(f"Unknown apply_async option(s): {sorted(options)}")
+        queue_obj = self.router.queue(self.router.queue_name(
+            name, args, kwargs, {"queue": self._option(task, "queue", queue)}))
+        policy = dict(config.publish_retry_policy)
+        policy.update(retry_policy or {})
+        send_robust(before_task_publish, name, body=message.body_tuple,
+                    exchange=queue_obj.exchange.name, routing_key=queue_obj.routing_key,
+                    headers=message.headers, properties=message.properties,
+                    declare=[queue_obj], retry_policy=policy)
+        self.publisher.publish(
+            message, queue_obj,
+            priority=self._option(task, "priority", priority) if priority is not None or task
+            else config.default_priority,
+            compression=self._option(task, "compression", compression) or config.compression,
+            retry=config.publish_retry if retry is None else retry,
+            retry_policy=policy,
+        )
+        send_robust(after_task_publish, name, body=message.body_tuple, headers=message.headers,
+                    exchange=queue_obj.exchange.name, routing_key=queue_obj.routing_key)
+        return AsyncResult(task_id, self.backend, task_name=name)
+
+    def apply_eagerly(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                      *, task_id: str | None = None, throw: bool | None = None,
+                      **options: Any) -> EagerResult[Any]:
+        """Run ``task`` here, through an encoded and decoded message; see :meth:`Task.apply`."""
+        from .worker.executor import run_task
+
+        task_id = task_id or str(uuid.uuid4())
+        serializer = task.serializer or self.config.serializer
+        message = build(task.name, task_id, args, kwargs, serializer=serializer)
+        request = parse(message.headers, message.body, message.content_type,
+                        message.content_encoding, self.accept, message.properties)
+        request.is_eager = True
+        app = current_app._get_current_object() if has_app_context() else self._app_ref()  # type: ignore[attr-defined]
+        if app is None:
+            raise RuntimeError("The app of this Tasks state is gone")
+        outcome = run_task(app, self, task, request, store=False)
+        propagate = self.config.eager_propagates if throw is None else throw
+        if propagate and outcome.exc is not None:
+            raise outcome.exc
+        meta = {"task_id": task_id, "status": outcome.state,
+                "result": outcome.exc if outcome.exc is not None else outcome.retval,
+                "traceback": outcome.traceback, "children": [], "date_done": None}
+        return EagerResult(task_id, meta, task_name=task.name)
+
+    def reset_after_fork(self) -> None:
+        """Forget connections inherited from the parent process."""
+        if self._publisher is not None:
+            self._publisher.reset_after_fork()
+        if self._backend is not None:
+            self._backend.reset_after_fork()
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [dict(item) if isinstance(item, Mapping) else item for item in items]
+
+
+class Tasks:
+    """The flask_tasks extension.
+
+    ``tasks = Tasks()`` at module level, ``tasks.init_app(app)`` in the app
+    factory (or ``Tasks(app)``). One ``Tasks`` can serve several apps, each
+    with its own config; tasks defined with ``@tasks.task`` are shared by all
+    of them. Per-app state is kept in a weak mapping, never on ``self``.
+
+    :param app: an app to initialize at once (also used for calls made
+        outside an app context).
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        self.registry = Registry()
+        self._states: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
+        self._default_app: weakref.ref[Flask] | None = None
+        _all_extensions.add(self)
+        if app is not None:
+            self._default_app = weakref.ref(app)
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read the app's config, register ``app.extensions["tasks"]`` and ``flask tasks``.
+
+        No connection is made here.
+
+        :raises RuntimeError: the app already has a ``Tasks`` extension.
+        :raises ImproperlyConfigured: a setting has the wrong type or value.
+        """
+        if "tasks" in app.extensions:
+            raise RuntimeError(
+                "A 'Tasks' instance has already been registered on this Flask app. "
+                "Import and use that instance instead."
+            )
+        config = config_module.load(app.config, app.instance_path)
+        self._states[app] = AppState(self, app, config)
+        app.extensions["tasks"] = self
+        from .cli import tasks_cli
+
+        if "tasks" not in app.cli.commands:
+            app.cli.add_command(tasks_cli)
+
+    def state(self, app: Flask | None = None) -> AppState:
+        """The :class:`AppState` of ``app`` (default: the current app).
+
+        :raises RuntimeError: ``app`` was not initialized with this extension.
+        """
+        if app is None:
+            return self._current_state()
+        try:
+            return self._states[app]
+        except KeyError:
+            raise RuntimeError(
+                f"The app {app.import_name!r} is not registered with this Tasks instance. "
+                f"Call tasks.init_app(app) in the app factory."
+            ) from None
+
+    def _current_state(self) -> AppState:
+        if has_app_context():
+            return self.state(current_app._get_current_object())  # type: ignore[attr-defined]
+        app = self._default_app() if self._default_app is not None else None
+        if app is None:
+            raise RuntimeError(
+                "Working outside of application context: flask_tasks needs to know which app's "
+                "broker to use. Call this inside a request or `with app.app_context():`."
+            )
+        return self.state(app)
+
+    # -- defining tasks ----------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, *, bind: Literal[True], **options: Any
+             ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+    @overload
+    def task(self, *, bind: Literal[False] = ..., **options: Any
+             ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Turn a function into a task: ``@tasks.task`` or ``@tasks.task(**options)``.
+
+        Options (all optional; ``None`` means the app's ``TASKS_*`` setting):
+        ``name`` (default ``"<module>.<function>"``), ``bind``, ``base``
+        (a :class:`Task` subclass), ``queue``, ``ignore_result``,
+        ``acks_late``, ``track_started``, ``priority``, ``serializer``,
+        ``max_retries``, ``default_retry_delay`` (seconds), ``autoretry_for``,
+        ``retry_backoff``, ``rate_limit``, ``time_limit`` / ``soft_time_limit``
+        (seconds), ``expires``, ``throws``, ``typing``.
+
+        :raises ValueError: another task already has this name.
+        :raises ImproperlyConfigured: the function is in ``__main__`` or
+            nested in a function and was given no ``name``.
+        """
+        def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
+            task = make_task(f, self, options)
+            self.registry.register(task)
+            return task
+
+        return decorator(fn) if fn is not None else decorator
+
+    # -- calling and results -------------------------------------------------------
+    def send_task(self, name: str, args: Sequence[Any] | None = None,
+                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+        """Send a task by name (it need not be importable here); options as :meth:`Task.apply_async`.
+
+        :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized.
+        """
+        return self._current_state().send_task(name, args, kwargs,
+                                               task=self._current_state().get_task(name), **options)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
+        """The :class:`AsyncResult` of ``task_id`` on the current app's result backend."""
+        return AsyncResult(task_id, self._current_state().backend)
+
+
+def shared_task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Define a task without the ``Tasks`` object (for blueprints and libraries).
+
+    It is visible to every app and is sent through the current app's ``Tasks``
+    extension. Options as :meth:`Tasks.task`.
+    """
+    def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
+        task = make_task(f, None, options)
+        shared_registry.register(task)
+        return task
+
+    return decorator(fn) if fn is not None else decorator
+
+
+def _reset_after_fork() -> None:
+    for ext in list(_all_extensions):
+        for state in list(ext._states.values()):
+            state.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+

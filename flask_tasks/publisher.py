@@ -1,0 +1,122 @@
+"""Publishing task messages through kombu's producer pool, with retries.
+
+One :class:`Publisher` per app and process. The kombu connection is made on
+first publish (never at import or in ``init_app``) and anew after ``fork``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from kombu import Connection, Queue
+from kombu.pools import ProducerPool
+from kombu.utils.url import sanitize_url
+
+from .protocol import Message
+
+logger = logging.getLogger("flask_tasks.publisher")
+
+
+def mask_url(url: str | None) -> str:
+    """``url`` with its password replaced by ``**``: the one way URLs are shown."""
+    if not url:
+        return str(url)
+    if "@" not in url:
+        return url
+    try:
+        return str(sanitize_url(url))
+    except Exception:  # an unparsable URL: hide everything between :// and @
+        head, sep, tail = url.partition("://")
+        return f"{head}{sep}**@{tail.rsplit('@', 1)[-1]}" if "@" in tail else url
+
+
+def broker_connection(url: str, transport_options: Mapping[str, Any] | None = None,
+                      connect_timeout: float | None = None) -> Connection:
+    """A kombu :class:`~kombu.Connection` for ``url`` (the embedded scheme registered)."""
+    if url.startswith("embedded:"):
+        from .transport import embedded  # noqa: F401 - registers the scheme
+
+    return Connection(url, transport_options=dict(transport_options or {}),
+                      connect_timeout=connect_timeout)
+
+
+class Publisher:
+    """Sends encoded task messages to the broker.
+
+    :param url: the broker URL.
+    :param transport_options: kombu transport options.
+    :param pool_limit: connections/producers kept per process.
+    :param connect_timeout: seconds to wait for a connection.
+    """
+
+    def __init__(self, url: str, *, transport_options: Mapping[str, Any] | None = None,
+                 pool_limit: int = 10, connect_timeout: float | None = 4.0) -> None:
+        self.url = url
+        self.transport_options = dict(transport_options or {})
+        self.pool_limit = pool_limit
+        self.connect_timeout = connect_timeout
+        self._connection: Connection | None = None
+        self._producers: ProducerPool | None = None
+        self._pid = os.getpid()
+
+    @property
+    def connection(self) -> Connection:
+        """The template connection of the pool (not connected until used)."""
+        if self._connection is None or self._pid != os.getpid():
+            self._connection = broker_connection(self.url, self.transport_options,
+                                                 self.connect_timeout)
+            self._producers = None
+            self._pid = os.getpid()
+        return self._connection
+
+    @property
+    def producers(self) -> ProducerPool:
+        """kombu's producer pool for this process."""
+        connection = self.connection
+        if self._producers is None:
+            self._producers = ProducerPool(connection.Pool(limit=self.pool_limit),
+                                           limit=self.pool_limit)
+        return self._producers
+
+    def publish(self, message: Message, queue: Queue, *, priority: int | None = None,
+                compression: str | None = None, retry: bool = True,
+                retry_policy: Mapping[str, Any] | None = None) -> None:
+        """Publish ``message`` to ``queue`` (declared on first use on each connection).
+
+        :param retry: retry on connection errors following ``retry_policy``.
+        :raises kombu.exceptions.OperationalError: the broker stayed
+            unreachable after the retries.
+        """
+        with self.producers.acquire(block=True) as producer:
+            producer.publish(
+                message.body,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                headers=message.headers,
+                compression=compression,
+                priority=priority,
+                delivery_mode=2,
+                retry=retry,
+                retry_policy=dict(retry_policy or {}),
+                **message.properties,
+            )
+
+    def reset_after_fork(self) -> None:
+        """Forget connections inherited from the parent (they belong to it)."""
+        self._connection = None
+        self._producers = None
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Close pooled connections of this process."""
+        if self._producers is not None and self._pid == os.getpid():
+            self._producers.connections.force_close_all()
+            self._producers.force_close_all()
+        self._producers = None
+        self._connection = None

@@ -1,0 +1,70 @@
+"""Task registries: name -> :class:`~flask_tasks.task.Task`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import NotRegistered
+
+if TYPE_CHECKING:
+    from .task import Task
+
+
+class Registry:
+    """A mapping of task names to tasks that refuses two different tasks with one name."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task[Any, Any]] = {}
+
+    def register(self, task: Task[Any, Any]) -> None:
+        """Add ``task`` under ``task.name``.
+
+        Registering the same function again (a module imported twice, a
+        reloader) replaces the old entry.
+
+        :raises ValueError: another function already uses this name.
+        """
+        existing = self._tasks.get(task.name)
+        if existing is not None and existing.origin != task.origin:
+            raise ValueError(
+                f"Two tasks are named {task.name!r}: {existing.origin} and {task.origin}. "
+                f"Give one of them another name with @tasks.task(name=...)."
+            )
+        self._tasks[task.name] = task
+
+    def get(self, name: str) -> Task[Any, Any] | None:
+        """Return the task named ``name``, or None."""
+        return self._tasks.get(name)
+
+    def __getitem__(self, name: str) -> Task[Any, Any]:
+        task = self._tasks.get(name)
+        if task is None:
+            raise NotRegistered(unknown_task_message(name, len(self._tasks)))
+        return task
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def names(self) -> list[str]:
+        """Sorted task names."""
+        return sorted(self._tasks)
+
+
+def unknown_task_message(name: str, known: int) -> str:
+    """The error text for a task name nobody registered."""
+    return (
+        f"Task {name!r} is not registered in this worker ({known} tasks are; see "
+        f"`flask tasks list`). Import its module in the app factory or list it in "
+        f"TASKS_IMPORTS."
+    )
+
+
+#: Tasks defined with :func:`flask_tasks.shared_task`, visible to every app.
+shared_registry = Registry()

@@ -1,0 +1,174 @@
+"""Task results: :class:`AsyncResult` reads a task's state from the backend.
+
+``tasks.AsyncResult(task_id)`` (or ``my_task.AsyncResult(task_id)``) builds
+one for the current app; ``delay()``/``apply_async()`` return one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import states
+from .backends.base import exception_from_dict
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+R = TypeVar("R")
+
+
+class AsyncResult(Generic[R]):
+    """The state and result of one task, read from the result backend.
+
+    :param id: the task id.
+    :param backend: the result backend of the app the task was sent with.
+    :param task_name: the task's name, when known (for ``repr`` and errors).
+
+    Reading ``state``/``result`` asks the backend each time until the task is
+    ready; a ready result is cached.
+    """
+
+    def __init__(self, id: str, backend: Backend, task_name: str | None = None,
+                 revoke: Callable[..., None] | None = None) -> None:
+        self.id = id
+        self.backend = backend
+        self.task_name = task_name
+        self._revoke = revoke
+        self._cache: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.id}>"
+
+    def __str__(self) -> str:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncResult):
+            return other.id == self.id
+        return isinstance(other, str) and other == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _get_meta(self) -> dict[str, Any]:
+        if self._cache is not None:
+            return self._cache
+        meta = self.backend.get_task_meta(self.id)
+        if meta["status"] in states.READY_STATES:
+            self._cache = meta
+        return meta
+
+    def _decoded(self, meta: dict[str, Any]) -> Any:
+        value = meta.get("result")
+        if meta["status"] in states.EXCEPTION_STATES and isinstance(value, dict) \
+                and "exc_type" in value:
+            return exception_from_dict(value)
+        return value
+
+    @property
+    def state(self) -> str:
+        """The task's state (``PENDING`` for an unknown id), see :mod:`flask_tasks.states`."""
+        return str(self._get_meta()["status"])
+
+    status = state
+
+    @property
+    def result(self) -> Any:
+        """The return value, the exception (FAILURE), or the ``meta`` of a custom state."""
+        return self._decoded(self._get_meta())
+
+    info = result
+
+    @property
+    def traceback(self) -> str | None:
+        """The formatted traceback of a failed task, else ``None``."""
+        return self._get_meta().get("traceback")
+
+    @property
+    def date_done(self) -> datetime | None:
+        """When the task became ready (aware UTC datetime), else ``None``."""
+        done = self._get_meta().get("date_done")
+        return datetime.fromisoformat(done) if isinstance(done, str) else done
+
+    def ready(self) -> bool:
+        """True once the task is SUCCESS, FAILURE or REVOKED."""
+        return self.state in states.READY_STATES
+
+    def successful(self) -> bool:
+        """True if the task ended SUCCESS."""
+        return self.state == states.SUCCESS
+
+    def failed(self) -> bool:
+        """True if the task ended FAILURE."""
+        return self.state == states.FAILURE
+
+    def get(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.5,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
+    ) -> R:
+        """Wait for the task to be ready and return its result.
+
+        :param timeout: seconds to wait at most; ``None`` waits forever.
+        :param propagate: re-raise the task's exception (with its own type
+            where it can be rebuilt) if it failed; ``False`` returns it.
+        :param interval: seconds between polls, for backends that poll (SQL,
+            embedded); Redis is woken by the stored result instead.
+        :param on_message: called with the backend's meta mapping on each
+            state change seen (progress updates included).
+        :raises flask_tasks.exceptions.TimeoutError: not ready within ``timeout``.
+        """
+        if self._cache is None:
+            meta = self.backend.wait_for(self.id, timeout=timeout, interval=interval,
+                                         on_message=on_message)
+            self._cache = meta
+        value = self._decoded(self._cache)
+        if propagate and self._cache["status"] in states.PROPAGATE_STATES \
+                and isinstance(value, BaseException):
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    wait = get
+
+    def forget(self) -> None:
+        """Delete the stored result; the id reads as PENDING afterwards."""
+        self._cache = None
+        self.backend.forget(self.id)
+
+    def revoke(self, terminate: bool = False, signal: str = "SIGTERM") -> None:
+        """Ask workers not to run the task (and, with ``terminate``, to stop it).
+
+        :raises NotImplementedError: this version has no remote control yet.
+        """
+        if self._revoke is None:
+            raise NotImplementedError("revoke() needs remote control, which comes in a later version")
+        self._revoke(self.id, terminate=terminate, signal=signal)
+
+
+class EagerResult(AsyncResult[R]):
+    """The result of a task run in this process (``apply()`` or eager mode).
+
+    Same interface as :class:`AsyncResult`; nothing is read from a backend.
+    """
+
+    def __init__(self, id: str, meta: dict[str, Any], task_name: str | None = None) -> None:
+        super().__init__(id, backend=None, task_name=task_name)  # type: ignore[arg-type]
+        self._cache = meta
+
+    def _get_meta(self) -> dict[str, Any]:
+        assert self._cache is not None
+        return self._cache
+
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
+            on_message: Callable[[dict[str, Any]], None] | None = None) -> R:
+        """Return the result at once (it is already known); see :meth:`AsyncResult.get`."""
+        if on_message is not None:
+            on_message(self._get_meta())
+        return super().get(timeout, propagate, interval)
+
+    def forget(self) -> None:
+        """Nothing to forget: eager results are not stored."""

@@ -1,0 +1,350 @@
+"""The :class:`Task`: a function the worker runs, plus how to call it.
+
+``@tasks.task`` turns a function into a ``Task[P, R]`` (an instance of the
+task's ``base`` class, :class:`Task` by default), typed with the function's
+own signature so ``add.delay("x")`` is a type error and
+``add.delay(2, 3).get()`` is an ``int``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from flask import current_app, has_app_context
+
+from .exceptions import ImproperlyConfigured
+from .protocol import Request
+from .result import AsyncResult, EagerResult
+
+if TYPE_CHECKING:
+    from .extension import AppState, Tasks
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The request of the task running in this thread/context, if any.
+current_request: ContextVar[Request | None] = ContextVar("flask_tasks_request", default=None)
+
+#: Options ``@tasks.task(...)`` accepts, with Celery's names.
+TASK_OPTIONS = frozenset({
+    "name", "bind", "base", "ignore_result", "acks_late", "track_started", "queue",
+    "priority", "serializer", "compression", "max_retries", "default_retry_delay",
+    "autoretry_for", "dont_autoretry_for", "retry_backoff", "retry_backoff_max",
+    "retry_jitter", "retry_kwargs", "rate_limit", "time_limit", "soft_time_limit",
+    "expires", "throws", "reject_on_worker_lost", "typing",
+})
+
+
+class Task(Generic[P, R]):
+    """A task. Subclass it and pass ``base=MySubclass`` to share handlers.
+
+    Class attributes are the defaults every task of that class gets; each
+    ``@tasks.task(...)`` option overrides one. ``None`` means "use the app's
+    ``TASKS_*`` setting".
+
+    Handlers (override in a subclass; they run in the worker, inside the app
+    context, and an exception in one is logged, not raised):
+    :meth:`before_start`, :meth:`on_success`, :meth:`on_failure`,
+    :meth:`on_retry`, :meth:`after_return`.
+    """
+
+    name: str = ""
+    #: Pass the task itself as the first argument (``self``).
+    bind: bool = False
+    #: Store no result (None: ``TASKS_IGNORE_RESULT``).
+    ignore_result: bool | None = None
+    #: Acknowledge after running (None: ``TASKS_ACKS_LATE``).
+    acks_late: bool | None = None
+    #: Store RECEIVED and STARTED (None: ``TASKS_TRACK_STARTED``).
+    track_started: bool | None = None
+    #: Queue name (None: routes, then ``TASKS_DEFAULT_QUEUE``).
+    queue: str | None = None
+    priority: int | None = None
+    serializer: str | None = None
+    compression: str | None = None
+    max_retries: int | None = 3
+    #: Seconds before a retry when ``retry()`` gives no countdown.
+    default_retry_delay: float = 180.0
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    dont_autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
+    retry_kwargs: Mapping[str, Any] | None = None
+    rate_limit: str | None = None
+    #: Hard and soft time limits, seconds (None: no limit).
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    #: Default ``expires`` for calls, seconds or datetime.
+    expires: float | datetime | None = None
+    #: Expected exceptions: logged briefly, without a traceback.
+    throws: tuple[type[BaseException], ...] = ()
+    reject_on_worker_lost: bool | None = None
+    #: Check call arguments against the function's signature in the caller.
+    typing: bool = True
+
+    #: The ``Tasks`` object that defined this task (None for shared tasks).
+    _tasks: Tasks | None = None
+    _fn: Callable[..., Any] | None = None
+    _signature: inspect.Signature | None = None
+
+    def __init__(self) -> None:
+        self.origin = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    # -- definition ------------------------------------------------------------
+    def _bind_function(self, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+        unknown = set(options) - TASK_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"Unknown task option(s) {sorted(unknown)} for {fn.__qualname__}; "
+                f"known options: {sorted(TASK_OPTIONS)}."
+            )
+        for key, value in options.items():
+            if key not in ("base", "name"):
+                setattr(self, key, value)
+        self._fn = fn
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+        self.__module__ = fn.__module__
+        self.__name__ = fn.__name__
+        self.__qualname__ = fn.__qualname__
+        self.origin = f"{fn.__module__}.{fn.__qualname__}"
+        name = options.get("name")
+        if not name:
+            if fn.__module__ == "__main__" or "<locals>" in fn.__qualname__:
+                raise ImproperlyConfigured(
+                    f"Task {fn.__qualname__!r} is defined in {fn.__module__!r} or inside a "
+                    f"function, where a worker cannot find it by name. Give it a name: "
+                    f"@tasks.task(name='myapp.{fn.__name__}')."
+                )
+            name = f"{fn.__module__}.{fn.__name__}"
+        self.name = name
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            signature = None
+        if signature is not None and self.bind:
+            params = list(signature.parameters.values())[1:]
+            signature = signature.replace(parameters=params)
+        self._signature = signature
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name}>"
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The task body: the decorated function (override it in class-based tasks)."""
+        if self._fn is None:
+            raise NotImplementedError(f"{type(self).__name__} defines no run() method")
+        if self.bind:
+            return self._fn(self, *args, **kwargs)
+        return self._fn(*args, **kwargs)
+
+    # -- app state -------------------------------------------------------------
+    def _state(self) -> AppState:
+        if self._tasks is not None:
+            return self._tasks._current_state()
+        if not has_app_context():
+            raise RuntimeError(
+                f"Shared task {self.name!r} was called outside an application context. "
+                f"Call it inside `with app.app_context():` or a request."
+            )
+        ext = current_app.extensions.get("tasks")
+        if ext is None:
+            raise ImproperlyConfigured(
+                f"The current app has no flask_tasks extension, so shared task "
+                f"{self.name!r} has nowhere to go. Call tasks.init_app(app) in the factory."
+            )
+        return ext._current_state()  # type: ignore[no-any-return]
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Check that the call matches the function's signature.
+
+        :raises TypeError: wrong number or names of arguments (as a direct call would).
+        """
+        if self.typing and self._signature is not None:
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.name}() called with wrong arguments: {exc}") from None
+
+    # -- calling ---------------------------------------------------------------
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task here and now, in this process; nothing is sent."""
+        token = current_request.set(Request(id=str(uuid.uuid4()), task=self.name, args=list(args),
+                                            kwargs=dict(kwargs), called_directly=True))
+        try:
+            if not has_app_context() and self._tasks is not None and self._tasks._default_app:
+                app = self._tasks._default_app()
+                if app is not None:
+                    with app.app_context():
+                        return self.run(*args, **kwargs)  # type: ignore[no-any-return]
+            return self.run(*args, **kwargs)  # type: ignore[no-any-return]
+        finally:
+            current_request.reset(token)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Send the task to a worker: ``apply_async(args, kwargs)`` with default options.
+
+        :returns: an :class:`AsyncResult` for the new task id.
+        :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized.
+        :raises TypeError: the arguments do not fit the function's signature.
+        :raises kombu.exceptions.OperationalError: the broker stayed unreachable
+            after ``TASKS_PUBLISH_RETRY_POLICY``.
+        """
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        task_id: str | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        retry: bool | None = None,
+        retry_policy: Mapping[str, Any] | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        ignore_result: bool | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        **options: Any,
+    ) -> AsyncResult[R]:
+        """Send the task to a worker with options.
+
+        :param args: positional arguments (a list or tuple).
+        :param kwargs: keyword arguments.
+        :param countdown: run no earlier than this many seconds from now.
+        :param eta: run no earlier than this datetime (naive means UTC).
+        :param expires: seconds from now, or a datetime, after which the task
+            is not run (it ends REVOKED).
+        :param queue: queue name (default: the task's, then ``TASKS_ROUTES``,
+            then ``TASKS_DEFAULT_QUEUE``).
+        :param priority: message priority, 0-9 (broker support varies).
+        :param task_id: the id to use (default: a new UUID4).
+        :param link: signature(s) to call with the result on success.
+        :param link_error: signature(s) to call on failure.
+        :param retry: retry publishing on connection errors (default
+            ``TASKS_PUBLISH_RETRY``).
+        :param retry_policy: kombu retry policy (``max_retries``,
+            ``interval_start``, ``interval_step``, ``interval_max`` seconds).
+        :param serializer: message serializer (default: the task's, then
+            ``TASKS_SERIALIZER``).
+        :param compression: body compression (``gzip``, ``zlib``, ``bzip2``...).
+        :param headers: extra message headers.
+        :param ignore_result: store no result for this call.
+        :param time_limit: hard time limit for this call, seconds.
+        :param soft_time_limit: soft time limit for this call, seconds.
+        :returns: an :class:`AsyncResult` (an :class:`EagerResult` in eager mode).
+        :raises flask_tasks.exceptions.EncodeError: an argument cannot be
+            serialized; nothing was sent.
+        :raises TypeError: the arguments do not fit the function's signature.
+        :raises kombu.exceptions.OperationalError: the broker stayed unreachable.
+        """
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        self.check_arguments(args, kwargs)
+        state = self._state()
+        return state.send_task(  # type: ignore[return-value]
+            self.name, args, kwargs, task=self, countdown=countdown, eta=eta,
+            expires=expires, queue=queue, priority=priority, task_id=task_id, link=link,
+            link_error=link_error, retry=retry, retry_policy=retry_policy,
+            serializer=serializer, compression=compression, headers=headers,
+            ignore_result=ignore_result, time_limit=time_limit,
+            soft_time_limit=soft_time_limit, **options,
+        )
+
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        throw: bool | None = None,
+        **options: Any,
+    ) -> EagerResult[R]:
+        """Run the task in this process, as a worker would, and return an :class:`EagerResult`.
+
+        The call is encoded and decoded like a real message (a value the
+        serializer cannot carry fails here too), runs inside the app context
+        with handlers and signals, and stores nothing.
+
+        :param throw: re-raise the task's exception (default ``TASKS_EAGER_PROPAGATES``).
+        :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized.
+        """
+        state = self._state()
+        return state.apply_eagerly(self, tuple(args or ()), dict(kwargs or {}),  # type: ignore[return-value]
+                                   task_id=task_id, throw=throw, **options)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult[R]:  # noqa: N802 - Celery's name
+        """An :class:`AsyncResult` for ``task_id`` on the current app's backend."""
+        return AsyncResult(task_id, self._state().backend, task_name=self.name)
+
+    # -- inside a running task -------------------------------------------------
+    @property
+    def request(self) -> Request:
+        """The current call's :class:`~flask_tasks.protocol.Request` (``called_directly`` outside a worker)."""
+        request = current_request.get()
+        if request is None:
+            return Request(id="", task=self.name, called_directly=True)
+        return request
+
+    def update_state(self, task_id: str | None = None, state: str | None = None,
+                     meta: Any = None) -> None:
+        """Store a state for this task (e.g. ``"PROGRESS"`` with ``{"done": 3, "total": 10}``).
+
+        :param task_id: the task id (default: the running task's).
+        :param state: the state name (default ``"PENDING"``); any string works.
+        :param meta: a value the result serializer can encode; readers see it
+            as ``AsyncResult.info``.
+        :raises flask_tasks.exceptions.EncodeError: ``meta`` cannot be encoded.
+        """
+        task_id = task_id or self.request.id
+        if not task_id:
+            raise RuntimeError("update_state() needs a task_id outside a running task")
+        request = current_request.get()
+        if request is not None and request.is_eager:
+            return
+        self._state().backend.store_result(task_id, meta, state or "PENDING", request=request)
+
+    # -- handlers (override in a base class) -------------------------------------
+    def before_start(self, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Called in the worker just before the task body runs."""
+
+    def on_success(self, retval: Any, task_id: str, args: Sequence[Any],
+                   kwargs: Mapping[str, Any]) -> None:
+        """Called in the worker after the task returned ``retval``."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Sequence[Any],
+                   kwargs: Mapping[str, Any], einfo: str) -> None:
+        """Called in the worker after the task raised ``exc``; ``einfo`` is the traceback text."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Sequence[Any],
+                 kwargs: Mapping[str, Any], einfo: str) -> None:
+        """Called in the worker when the task is to be retried."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Sequence[Any],
+                     kwargs: Mapping[str, Any], einfo: str | None) -> None:
+        """Called in the worker after the task ran, whatever the outcome."""
+
+
+def make_task(fn: Callable[..., Any], tasks: Tasks | None, options: Mapping[str, Any]) -> Task[Any, Any]:
+    """Create the task object for ``fn`` from ``@task`` options (``base`` defaults to :class:`Task`)."""
+    base = options.get("base") or Task
+    if not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"base= must be a subclass of flask_tasks.Task, not {base!r}")
+    task = base()
+    task._tasks = tasks
+    task._bind_function(fn, options)
+    return task

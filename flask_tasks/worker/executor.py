@@ -1,0 +1,189 @@
+"""Run one task message: decode, find the task, run it in the app context, store the result.
+
+Used by every pool (in the process or thread that runs the task) and by
+eager mode. Never raises for a task's own error: the outcome says what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback as tb_module
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask
+
+from .. import states
+from ..exceptions import DecodeError, EncodeError, Ignore, NotRegistered, Reject
+from ..protocol import Request, parse
+from ..registry import unknown_task_message
+from ..signals import (
+    send_robust,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_success,
+)
+from ..task import Task, current_request
+
+if TYPE_CHECKING:
+    from ..extension import AppState
+
+logger = logging.getLogger("flask_tasks.worker")
+
+HOSTNAME = socket.gethostname()
+
+#: What the consumer does with the message after the job.
+ACK, REJECT, REQUEUE = "ack", "reject", "requeue"
+
+
+@dataclass
+class Job:
+    """One message handed to the pool (picklable, small)."""
+
+    tag: int
+    headers: dict[str, Any]
+    body: bytes
+    content_type: str
+    content_encoding: str
+    properties: dict[str, Any]
+    delivery_info: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What happened to one job."""
+
+    tag: int = 0
+    state: str = states.SUCCESS
+    retval: Any = None
+    exc: BaseException | None = None
+    traceback: str | None = None
+    runtime: float = 0.0
+    action: str = ACK
+    reason: str | None = None
+
+
+def _call_handler(task: Task[Any, Any], handler: str, *args: Any) -> None:
+    try:
+        getattr(task, handler)(*args)
+    except Exception:
+        logger.exception("Handler %s.%s of task %s raised", type(task).__name__, handler, task.name)
+
+
+def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request, *,
+             store: bool = True, hostname: str | None = None) -> Outcome:
+    """Run ``task`` for ``request`` inside ``app``'s app context.
+
+    :param store: store STARTED (with ``track_started``) and the final state
+        in the result backend, unless the task or call ignores results.
+    :returns: the :class:`Outcome`; the task's exception is in ``outcome.exc``.
+    """
+    config = state.config
+    backend = state.backend
+    request.hostname = hostname or HOSTNAME
+    ignore = task.ignore_result if task.ignore_result is not None else config.ignore_result
+    store = store and not (ignore or request.ignore_result or backend.disabled)
+    track = task.track_started if task.track_started is not None else config.track_started
+    extended = config.result_extended
+    task_id, args, kwargs = request.id, request.args, request.kwargs
+    outcome = Outcome()
+    if store and track:
+        backend.store_result(task_id, {"pid": os.getpid(), "hostname": request.hostname},
+                             states.STARTED, request=request, extended=extended)
+    token = current_request.set(request)
+    start = time.perf_counter()
+    try:
+        with app.app_context():
+            send_robust(task_prerun, task, task_id=task_id, task=task, args=args, kwargs=kwargs)
+            try:
+                _call_handler(task, "before_start", task_id, args, kwargs)
+                retval = task.run(*args, **kwargs)
+                if store:
+                    backend.store_result(task_id, retval, states.SUCCESS, request=request,
+                                         extended=extended)
+                elif request.is_eager:
+                    retval = backend.decode(backend.encode(retval))
+            except Ignore:
+                outcome.state = states.IGNORED
+            except Reject as exc:
+                outcome.state = states.REJECTED
+                outcome.action = REQUEUE if exc.requeue else REJECT
+                outcome.reason = str(exc.reason)
+            except Exception as exc:
+                outcome.runtime = time.perf_counter() - start
+                _fail(task, request, outcome, exc, store, state)
+            else:
+                outcome.runtime = time.perf_counter() - start
+                outcome.retval = retval
+                _call_handler(task, "on_success", retval, task_id, args, kwargs)
+                send_robust(task_success, task, result=retval)
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info("Task %s[%s] succeeded in %.6fs: %.200r",
+                                task.name, task_id, outcome.runtime, retval)
+            finally:
+                _call_handler(task, "after_return", outcome.state, outcome.retval, task_id,
+                              args, kwargs, outcome.traceback)
+                send_robust(task_postrun, task, task_id=task_id, task=task, args=args,
+                            kwargs=kwargs, retval=outcome.retval, state=outcome.state)
+    finally:
+        current_request.reset(token)
+    return outcome
+
+
+def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: Exception, store: bool,
+          state: AppState) -> None:
+    text = "".join(tb_module.format_exception(exc))
+    outcome.state, outcome.exc, outcome.traceback = states.FAILURE, exc, text
+    if store:
+        try:
+            state.backend.store_result(request.id, exc, states.FAILURE, text, request=request,
+                                       extended=state.config.result_extended)
+        except Exception:
+            logger.exception("Could not store the failure of task %s[%s]", task.name, request.id)
+    _call_handler(task, "on_failure", exc, request.id, request.args, request.kwargs, text)
+    send_robust(task_failure, task, task_id=request.id, exception=exc, args=request.args,
+                kwargs=request.kwargs, traceback=text, einfo=text)
+    if isinstance(exc, task.throws) if task.throws else False:
+        logger.info("Task %s[%s] raised expected: %r", task.name, request.id, exc)
+    elif isinstance(exc, EncodeError):
+        logger.error("Task %s[%s] failed: %s", task.name, request.id, exc)
+    else:
+        logger.error("Task %s[%s] raised unexpected: %r\n%s", task.name, request.id, exc, text)
+
+
+def execute(app: Flask, state: AppState, job: Job, hostname: str | None = None) -> Outcome:
+    """Decode ``job`` and run it; a message that cannot be run is rejected with a reason.
+
+    A body that cannot be decoded or a task not registered here ends the
+    message (``REJECT``) and, when the task id is known, stores FAILURE so
+    callers waiting on it learn why.
+    """
+    try:
+        request = parse(job.headers, job.body, job.content_type, job.content_encoding,
+                        state.accept, job.properties, job.delivery_info)
+    except DecodeError as exc:
+        task_id = (job.headers or {}).get("id") if isinstance(job.headers, dict) else None
+        reason = f"Rejected message {task_id or '(no id)'}: {exc}"
+        if isinstance(task_id, str) and task_id and not str(exc).startswith("content type"):
+            _store_failure(state, task_id, exc)
+        return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, reason=reason, exc=exc)
+    task = state.get_task(request.task)
+    if task is None:
+        exc = NotRegistered(unknown_task_message(request.task, len(state.task_names())))
+        _store_failure(state, request.id, exc)
+        return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, exc=exc,
+                       reason=f"Rejected task {request.task}[{request.id}]: {exc}")
+    outcome = run_task(app, state, task, request, hostname=hostname)
+    outcome.tag = job.tag
+    return outcome
+
+
+def _store_failure(state: AppState, task_id: str, exc: BaseException) -> None:
+    try:
+        state.backend.store_result(task_id, exc, states.FAILURE, str(exc))
+    except Exception:
+        logger.exception("Could not store the failure of %s", task_id)

@@ -1,0 +1,311 @@
+"""The worker's main process: consume, dispatch to the pool, acknowledge, shut down.
+
+One thread runs kombu's :class:`~kombu.mixins.ConsumerMixin` loop (which
+reconnects by itself). A message is checked cheaply here (content type,
+protocol-2 headers, a registered task name) and either rejected with a
+logged reason or handed to the pool; the body is decoded where the task
+runs. Early-acknowledged tasks are acked when a pool slot takes them,
+``acks_late`` tasks when their outcome comes back.
+
+Shutdown: the first SIGINT/SIGTERM stops consuming, returns reserved but
+unstarted messages to the queue, lets running tasks finish and acks them
+(warm); a second one kills running tasks and exits at once (cold).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from flask import Flask
+from kombu import Connection, Consumer, Message
+from kombu.mixins import ConsumerMixin
+
+from .. import states
+from ..exceptions import WorkerLostError
+from ..extension import AppState, Tasks
+from ..protocol import check_headers
+from ..publisher import broker_connection, mask_url
+from ..registry import unknown_task_message
+from ..signals import send_robust, task_received, worker_ready, worker_shutdown
+from .executor import ACK, REJECT, REQUEUE, Job, Outcome, execute
+from .pools import LOST, POOLS
+
+logger = logging.getLogger("flask_tasks.worker")
+
+#: Exit codes of ``flask tasks worker``.
+EX_OK = 0
+EX_FAILURE = 1
+EX_COLD = 2
+
+CLEANUP_INTERVAL = 3600.0
+
+
+class Worker(ConsumerMixin):
+    """Consumes task messages for one app and runs them in a pool.
+
+    :param app: the Flask app; every task runs in its app context.
+    :param pool: ``"prefork"``, ``"threads"`` or ``"solo"``.
+    :param concurrency: pool size (None: ``TASKS_WORKER_CONCURRENCY``, then the CPU count).
+    :param queues: queue names to consume (None: ``TASKS_DEFAULT_QUEUE``).
+    :param hostname: node name, shown in logs and stored results (default ``tasks@<host>``).
+    :param prefetch_multiplier: messages reserved per pool slot (0: unlimited).
+    :param max_tasks_per_child: replace a prefork child after this many tasks.
+    """
+
+    def __init__(self, app: Flask, *, pool: str | None = None, concurrency: int | None = None,
+                 queues: list[str] | None = None, hostname: str | None = None,
+                 prefetch_multiplier: int | None = None,
+                 max_tasks_per_child: int | None = None) -> None:
+        ext = app.extensions.get("tasks")
+        if not isinstance(ext, Tasks):
+            raise RuntimeError("The app has no flask_tasks extension; call tasks.init_app(app).")
+        self.app = app
+        self.state: AppState = ext.state(app)
+        config = self.state.config
+        for module in config.imports:
+            importlib.import_module(module)
+        self.pool_name = pool or config.worker_pool
+        if self.pool_name not in POOLS:
+            raise ValueError(f"Unknown pool {self.pool_name!r}; choose one of {sorted(POOLS)}")
+        self.concurrency = 1 if self.pool_name == "solo" else (
+            concurrency or config.worker_concurrency or os.cpu_count() or 1)
+        self.queues = queues or [config.default_queue]
+        self.hostname = hostname or f"tasks@{socket.gethostname()}"
+        multiplier = config.worker_prefetch_multiplier if prefetch_multiplier is None \
+            else prefetch_multiplier
+        self.prefetch_count = self.concurrency * multiplier
+        self.max_tasks_per_child = max_tasks_per_child or config.worker_max_tasks_per_child
+        self.connection: Connection = broker_connection(
+            self.state.broker_url, config.broker_transport_options,
+            config.broker_connection_timeout)
+        self.pool = POOLS[self.pool_name](
+            self._run_job, limit=self.concurrency,
+            max_tasks_per_child=self.max_tasks_per_child)
+        self._tags = itertools.count(1)
+        self._buffer: deque[tuple[int, Message, bool]] = deque()
+        self._inflight: dict[int, tuple[Message, bool, str, str]] = {}
+        self._consumers: list[Consumer] = []
+        self._warm = False
+        self._cold = False
+        self._last_cleanup = time.monotonic()
+        self.exit_code = EX_OK
+
+    # -- running a job (inside the pool) ---------------------------------------------
+    def _run_job(self, job: Job) -> Outcome:
+        return execute(self.app, self.state, job, hostname=self.hostname)
+
+    # -- ConsumerMixin -----------------------------------------------------------------
+    def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
+        channel.basic_qos(0, self.prefetch_count, False)
+        queues = [self.state.router.queue(name) for name in self.queues]
+        self._consumers = [consumer_cls(queues=queues, on_message=self.on_message,
+                                        no_ack=False, accept=None)]
+        return self._consumers
+
+    def on_connection_error(self, exc: Exception, interval: float) -> None:
+        logger.warning("Cannot connect to %s: %s. Trying again in %.1f s...",
+                       mask_url(self.state.broker_url), exc, interval)
+
+    def on_connection_revived(self) -> None:
+        if self._inflight or self._buffer:
+            # Messages of the old connection cannot be acked any more; the
+            # broker redelivers the unacknowledged ones.
+            self._buffer.clear()
+
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Any,
+                         **kwargs: Any) -> None:
+        if not getattr(self, "_ready_sent", False):
+            self._ready_sent = True
+            logger.info("%s ready.", self.hostname)
+            send_robust(worker_ready, self)
+
+    def on_message(self, message: Message) -> None:
+        """Check a message, then queue it for the pool (or reject it with a reason)."""
+        content_type = message.content_type
+        if self.state.accept and content_type not in self.state.accept:
+            logger.error("Rejected message %s: content type %r is not accepted (accepted: %s; "
+                         "see TASKS_ACCEPT_CONTENT).", _message_id(message), content_type,
+                         ", ".join(sorted(self.state.config.accept_content)))
+            message.reject(requeue=False)
+            return
+        try:
+            name, task_id = check_headers(message.headers)
+        except Exception as exc:
+            logger.error("Rejected message %s: %s. Body: %.200r", _message_id(message), exc,
+                         message.body)
+            message.reject(requeue=False)
+            return
+        task = self.state.get_task(name)
+        if task is None:
+            text = unknown_task_message(name, len(self.state.task_names()))
+            logger.error("Rejected task %s[%s]: %s", name, task_id, text)
+            from ..exceptions import NotRegistered
+
+            try:
+                self.state.backend.store_result(task_id, NotRegistered(text), states.FAILURE,
+                                                text)
+            except Exception:
+                logger.exception("Could not store the failure of %s", task_id)
+            message.reject(requeue=False)
+            return
+        logger.info("Task %s[%s] received", name, task_id)
+        acks_late = task.acks_late if task.acks_late is not None else self.state.config.acks_late
+        track = task.track_started if task.track_started is not None \
+            else self.state.config.track_started
+        if track and not (task.ignore_result or message.headers.get("ignore_result")) \
+                and not self.state.backend.disabled:
+            self.state.backend.store_result(task_id, None, states.RECEIVED)
+        send_robust(task_received, self, request=message.headers)
+        self._buffer.append((next(self._tags), message, acks_late))
+        self._dispatch()
+
+    # -- dispatch and completion -------------------------------------------------------
+    def _dispatch(self) -> None:
+        while self._buffer and self.pool.free() > 0 and not self._warm:
+            tag, message, acks_late = self._buffer.popleft()
+            headers = message.headers
+            self._inflight[tag] = (message, acks_late, headers["task"], headers["id"])
+            if not acks_late:
+                self._settle(message, ACK)
+            self.pool.submit(Job(tag, headers, message.body, message.content_type,
+                                 message.content_encoding, dict(message.properties),
+                                 dict(message.delivery_info)))
+            if self.pool_name == "solo":
+                self._complete(self.pool.collect(0))
+
+    def _settle(self, message: Message, action: str) -> None:
+        try:
+            if action == ACK:
+                message.ack()
+            elif action == REQUEUE:
+                message.requeue()
+            else:
+                message.reject(requeue=False)
+        except self.connection.connection_errors + self.connection.channel_errors as exc:
+            logger.warning("Could not %s message %s (connection lost: %s); the broker will "
+                           "redeliver it if it was unacknowledged.", action,
+                           _message_id(message), exc)
+
+    def _complete(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            entry = self._inflight.pop(outcome.tag, None)
+            if entry is None:
+                continue
+            message, acks_late, name, task_id = entry
+            if outcome.action == LOST:
+                self._worker_lost(name, task_id, outcome.reason or "")
+                action = ACK
+            else:
+                action = outcome.action
+                if outcome.reason and action in (REJECT, REQUEUE):
+                    logger.warning("%s", outcome.reason)
+            if acks_late:
+                self._settle(message, action)
+
+    def _worker_lost(self, name: str, task_id: str, reason: str) -> None:
+        exc = WorkerLostError(reason)
+        logger.error("Task %s[%s] failed: %s", name, task_id, reason)
+        try:
+            self.state.backend.store_result(task_id, exc, states.FAILURE, reason)
+        except Exception:
+            logger.exception("Could not store the failure of %s", task_id)
+
+    def on_iteration(self) -> None:
+        self._complete(self.pool.collect(0))
+        self._dispatch()
+        while self._buffer and self.pool.free() == 0 and not self._warm:
+            self._complete(self.pool.collect(0.5))
+            self._dispatch()
+        if self._warm:
+            self._drain_for_shutdown()
+        elif time.monotonic() - self._last_cleanup > CLEANUP_INTERVAL:
+            self._last_cleanup = time.monotonic()
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        try:
+            removed = self.state.backend.cleanup()
+            if removed:
+                logger.info("Removed %d expired results", removed)
+        except Exception:
+            logger.exception("Cleaning expired results failed")
+
+    def _drain_for_shutdown(self) -> None:
+        for consumer in self._consumers:
+            try:
+                consumer.cancel()
+            except Exception:
+                pass
+        while self._buffer:
+            _, message, _ = self._buffer.popleft()
+            self._settle(message, REQUEUE)
+        while self.pool.busy() and not self._cold:
+            self._complete(self.pool.collect(0.5))
+        self.should_stop = True
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: warm shutdown; second: cold."""
+        def handler(signum: int, frame: Any) -> None:
+            if not self._warm:
+                logger.warning("worker: Warm shutdown (%s): finishing %d running task(s); "
+                               "press Ctrl-C again for a cold shutdown.",
+                               signal.Signals(signum).name, self.pool.busy())
+                self._warm = True
+            else:
+                logger.warning("worker: Cold shutdown (%s)", signal.Signals(signum).name)
+                self._cold = True
+                self.exit_code = EX_COLD
+                self.pool.stop(cold=True)
+                raise SystemExit(EX_COLD)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def banner(self) -> str:
+        """The text printed at start: URLs (passwords hidden), pool, queues, tasks."""
+        backend = self.state.config.result_backend
+        lines = [
+            f" -------------- {self.hostname} (flask_tasks)",
+            f" app:         {self.app.import_name}",
+            f" broker:      {mask_url(self.state.broker_url)}"
+            + ("  (embedded)" if self.state.broker_is_embedded else ""),
+            f" results:     {mask_url(backend) if backend else 'embedded (SQLite)'}",
+            f" pool:        {self.pool_name} (concurrency: {self.concurrency})",
+            f" prefetch:    {self.prefetch_count or 'unlimited'}",
+            f" queues:      {', '.join(self.queues)}",
+            "",
+            " [tasks]",
+        ]
+        lines += [f"   . {name}" for name in self.state.task_names()] or ["   (none)"]
+        return "\n".join(lines)
+
+    def start(self) -> int:
+        """Run until shut down; returns the process exit code."""
+        self.pool.start()
+        try:
+            self.run(safety_interval=0.1)
+        except SystemExit as exc:
+            self.exit_code = exc.code if isinstance(exc.code, int) else EX_COLD
+        finally:
+            self.pool.stop(cold=self._cold)
+            send_robust(worker_shutdown, self)
+            try:
+                self.connection.release()
+            except Exception:
+                pass
+        return self.exit_code
+
+
+def _message_id(message: Message) -> str:
+    headers = message.headers or {}
+    value = headers.get("id") if isinstance(headers, dict) else None
+    return str(value or message.properties.get("correlation_id") or message.delivery_tag)

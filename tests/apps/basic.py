@@ -1,0 +1,109 @@
+"""The app the integration tests run workers for. Configured from the environment:
+
+``TEST_BROKER_URL`` / ``TEST_RESULT_BACKEND`` (unset: the embedded default),
+``TEST_INSTANCE_PATH`` (the instance folder), ``TEST_CONFIG`` (extra JSON config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flask import Flask, current_app, g
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import Mapped, mapped_column
+
+from flask_tasks import Tasks
+
+tasks = Tasks()
+db = SQLAlchemy()
+
+
+class Note(db.Model):  # type: ignore[name-defined,misc]
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str]
+
+
+@tasks.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@tasks.task
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@tasks.task(track_started=True)
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@tasks.task(bind=True)
+def progress(self, steps: int) -> dict:
+    for done in range(1, steps + 1):
+        self.update_state(state="PROGRESS", meta={"done": done, "total": steps})
+    return {"steps": steps, "id": self.request.id}
+
+
+@tasks.task
+def app_info() -> dict:
+    g.touched = True
+    return {"app": current_app.import_name, "pid": os.getpid()}
+
+
+@tasks.task
+def pid() -> int:
+    return os.getpid()
+
+
+@tasks.task
+def bad_result() -> object:
+    return {1, 2}
+
+
+@tasks.task
+def die() -> None:
+    os.kill(os.getpid(), 9)
+
+
+@tasks.task
+def leave_pending_row(text: str) -> int:
+    db.session.add(Note(text=text))  # never committed: teardown must discard it
+    return len(db.session.new)
+
+
+@tasks.task
+def pending_rows() -> int:
+    return len(db.session.new)
+
+
+@tasks.task(ignore_result=True)
+def quiet() -> int:
+    return 1
+
+
+@tasks.task(acks_late=True, track_started=True)
+def slow_late(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def create_app() -> Flask:
+    app = Flask(__name__, instance_path=os.environ.get("TEST_INSTANCE_PATH") or None)
+    broker = os.environ.get("TEST_BROKER_URL")
+    backend = os.environ.get("TEST_RESULT_BACKEND")
+    if broker:
+        app.config["BROKER_URL"] = broker
+    if backend:
+        app.config["RESULT_BACKEND"] = backend
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(app.instance_path, "app.db")
+    app.config.update(json.loads(os.environ.get("TEST_CONFIG") or "{}"))
+    db.init_app(app)
+    tasks.init_app(app)
+    with app.app_context():
+        os.makedirs(app.instance_path, exist_ok=True)
+        db.create_all()
+    return app

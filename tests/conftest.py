@@ -1,0 +1,75 @@
+"""Session fixtures: a real redis-server on a free loopback port, worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.helpers import WorkerProcess, free_port, wait_for
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start ``redis-server`` on 127.0.0.1:<free port>; yields ``redis://127.0.0.1:<port>``.
+
+    Without redis-server the test is skipped, except under CI, where it fails.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}"
+    client = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, timeout=10, message="redis-server to answer PING")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture()
+def redis_url(redis_server: str) -> Iterator[str]:
+    """A clean Redis database for one test: ``redis://127.0.0.1:<port>/0``."""
+    client = redis.Redis.from_url(redis_server + "/0")
+    client.flushall()
+    yield redis_server + "/0"
+    client.flushall()
+
+
+@pytest.fixture()
+def start_worker(tmp_path: Path) -> Iterator[object]:
+    """Start worker subprocesses: ``start_worker(app, *args, env={...})``; all stopped at the end."""
+    workers: list[WorkerProcess] = []
+
+    def start(app: str, *args: str, env: dict[str, str] | None = None,
+              ready: bool = True) -> WorkerProcess:
+        worker = WorkerProcess(app, list(args), {"TEST_INSTANCE_PATH": str(tmp_path), **(env or {})})
+        workers.append(worker)
+        return worker.wait_ready() if ready else worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+        worker.kill_group()
