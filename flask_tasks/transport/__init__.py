@@ -1,0 +1,1 @@
+"""Message transports (kombu brokers) shipped with flask_tasks."""
