@@ -1,0 +1,76 @@
+"""Wire compatibility with real Celery (a test-only dependency), in both directions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from tests.apps import basic
+from tests.helpers import ROOT, wait_for
+
+celery = pytest.importorskip("celery") if not os.environ.get("CI") else __import__("celery")
+
+APP = "tests.apps.basic:create_app"
+
+
+@pytest.fixture()
+def app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
+    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
+    app = basic.create_app()
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture()
+def celery_worker(redis_url: str) -> Iterator[subprocess.Popen[str]]:
+    env = {**os.environ, "TEST_BROKER_URL": redis_url, "PYTHONPATH": str(ROOT)}
+    log = ROOT / ".celery-worker.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.apps.celery_side", "worker",
+             "-P", "solo", "-c", "1", "-l", "INFO", "--without-heartbeat", "--without-gossip",
+             "--without-mingle"],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, timeout=60,
+                 message="celery worker ready")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.unlink(missing_ok=True)
+
+
+def test_celery_worker_runs_flask_tasks_messages(app: Flask, celery_worker) -> None:
+    assert basic.add.delay(2, 3).get(timeout=20) == 5
+    with pytest.raises(ValueError, match="from flask_tasks"):
+        basic.fail.delay("from flask_tasks").get(timeout=20)
+
+
+def test_flask_tasks_worker_runs_celery_client_messages(app: Flask, redis_url: str,
+                                                        start_worker) -> None:
+    from tests.apps.celery_side import app as celery_app
+
+    start_worker(APP, "-c", "1", env={"TEST_BROKER_URL": redis_url,
+                                      "TEST_RESULT_BACKEND": redis_url})
+    result = celery_app.send_task("tests.apps.basic.add", args=(2, 3))
+    assert result.get(timeout=20) == 5
+    failed = celery_app.send_task("tests.apps.basic.fail", args=("from celery",))
+    with pytest.raises(ValueError, match="from celery"):
+        failed.get(timeout=20)
+    # ...and flask_tasks reads the same results.
+    assert basic.tasks.AsyncResult(result.id).get(timeout=5) == 5
+
+
+def test_package_never_imports_celery() -> None:
+    code = ("import flask_tasks, flask_tasks.worker.main, flask_tasks.cli, sys; "
+            "assert 'celery' not in sys.modules, 'celery was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

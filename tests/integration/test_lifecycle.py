@@ -1,0 +1,82 @@
+"""Worker lifecycle: warm and cold shutdown, dead children, max tasks per child."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from flask import Flask
+
+from flask_tasks import states
+from flask_tasks.exceptions import WorkerLostError
+from tests.apps import basic
+from tests.helpers import wait_for
+
+APP = "tests.apps.basic:create_app"
+
+
+@pytest.fixture()
+def app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
+    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
+    app = basic.create_app()
+    with app.app_context():
+        yield app
+
+
+def env(url: str) -> dict[str, str]:
+    return {"TEST_BROKER_URL": url, "TEST_RESULT_BACKEND": url}
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_warm_shutdown_finishes_running_task_and_leaves_the_rest(
+        app: Flask, redis_url: str, start_worker, pool: str) -> None:
+    worker = start_worker(APP, "-P", pool, "-c", "1", env=env(redis_url))
+    running = basic.sleep.delay(1.5)
+    wait_for(lambda: running.state == states.STARTED, timeout=10, message="task started")
+    waiting = [basic.add.delay(i, i) for i in range(3)]  # reserved (prefetched), not started
+    worker.signal(signal.SIGTERM)
+    assert worker.proc.wait(20) == 0
+    assert running.get(timeout=1) == 1.5
+    assert "Warm shutdown" in worker.output
+    # The reserved tasks went back to the queue, untouched.
+    assert all(r.state == states.PENDING for r in waiting)
+    assert redis.Redis.from_url(redis_url).llen("celery") == 3
+    # ...and the next worker runs them.
+    start_worker(APP, "-c", "1", env=env(redis_url))
+    assert [r.get(timeout=10) for r in waiting] == [0, 2, 4]
+
+
+def test_acks_late_task_survives_cold_shutdown(app: Flask, redis_url: str, start_worker) -> None:
+    worker = start_worker(APP, "-c", "1", env=env(redis_url))
+    late = basic.slow_late.delay(30)
+    wait_for(lambda: late.state == states.STARTED, timeout=10, message="task started")
+    worker.signal(signal.SIGTERM)
+    worker.wait_output("Warm shutdown")
+    worker.signal(signal.SIGTERM)
+    assert worker.proc.wait(20) != 0
+    assert "Cold shutdown" in worker.output
+    # Not acknowledged: kombu gave it back to the queue on the way out.
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.llen("celery") == 1, timeout=10, message="message restored")
+
+
+def test_dead_child_is_replaced_and_its_task_fails(app: Flask, redis_url: str,
+                                                   start_worker) -> None:
+    worker = start_worker(APP, "-P", "prefork", "-c", "1", env=env(redis_url))
+    before = basic.pid.delay().get(timeout=10)
+    result = basic.die.delay()
+    with pytest.raises(WorkerLostError, match="signal 9"):
+        result.get(timeout=10)
+    after = basic.pid.delay().get(timeout=10)
+    assert after != before
+    worker.wait_output("died while running a task")
+
+
+def test_max_tasks_per_child(app: Flask, redis_url: str, start_worker) -> None:
+    start_worker(APP, "-c", "1", "--max-tasks-per-child", "2", env=env(redis_url))
+    pids = [basic.pid.delay().get(timeout=10) for _ in range(4)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
