@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -122,10 +123,31 @@ class Worker(ConsumerMixin):
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any,
                          **kwargs: Any) -> None:
+        if hasattr(channel, "renew_leases"):
+            self._keep_leases(channel)
         if not getattr(self, "_ready_sent", False):
             self._ready_sent = True
             logger.info("%s ready.", self.hostname)
             send_robust(worker_ready, self)
+
+    def _keep_leases(self, channel: Any) -> None:
+        """Renew a lease-based broker's leases while the main loop may be blocked.
+
+        The embedded broker redelivers a message whose lease ran out; the main
+        loop renews while it polls, but a solo pool running a long task, or a
+        full pool, keeps it from polling.
+        """
+        every = max(0.5, float(getattr(channel, "visibility_timeout", 30.0)) / 3)
+
+        def keep() -> None:
+            while not self.should_stop and not channel.closed:
+                time.sleep(every)
+                try:
+                    channel.renew_leases()
+                except Exception as exc:  # the next poll renews, or the broker is gone
+                    logger.debug("Renewing leases failed: %s", exc)
+
+        threading.Thread(target=keep, name="LeaseKeeper", daemon=True).start()
 
     def on_message(self, message: Message) -> None:
         """Check a message, then queue it for the pool (or reject it with a reason)."""

@@ -91,6 +91,15 @@ def slow_late(seconds: float) -> float:
     return seconds
 
 
+@tasks.task(acks_late=True, track_started=True)
+def record(tag: str, seconds: float) -> str:
+    """Append ``tag`` to ``runs.txt`` in the instance folder (counts executions), then sleep."""
+    with open(os.path.join(current_app.instance_path, "runs.txt"), "a") as out:
+        out.write(f"{tag} {os.getpid()}\n")
+    time.sleep(seconds)
+    return tag
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=os.environ.get("TEST_INSTANCE_PATH") or None)
     broker = os.environ.get("TEST_BROKER_URL")
