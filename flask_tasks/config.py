@@ -52,6 +52,10 @@ SETTINGS: tuple[Setting, ...] = (
             "is still encoded and decoded, so what fails in production fails here."),
     Setting("TASKS_EAGER_PROPAGATES", "eager_propagates", False, (bool,),
             "In eager mode, raise the task's exception from ``delay()`` instead of storing it."),
+    Setting("TASKS_STORE_EAGER_RESULT", "store_eager_result", False, (bool,),
+            "In eager mode, also store states and results in the result backend, so "
+            "``tasks.AsyncResult(id)`` in a later request sees them (Celery's "
+            "``task_store_eager_result``)."),
     Setting("TASKS_SERIALIZER", "serializer", "json", (str,),
             "Serializer for task messages (any kombu serializer name)."),
     Setting("TASKS_RESULT_SERIALIZER", "result_serializer", "json", (str,),
@@ -114,6 +118,7 @@ class Config:
     result_backend: str | None = None
     always_eager: bool = False
     eager_propagates: bool = False
+    store_eager_result: bool = False
     serializer: str = "json"
     result_serializer: str = "json"
     accept_content: tuple[str, ...] = ("json",)

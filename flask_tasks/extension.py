@@ -230,7 +230,7 @@ class AppState:
         app = current_app._get_current_object() if has_app_context() else self._app_ref()  # type: ignore[attr-defined]
         if app is None:
             raise RuntimeError("The app of this Tasks state is gone")
-        outcome = run_task(app, self, task, request, store=False)
+        outcome = run_task(app, self, task, request, store=self.config.store_eager_result)
         propagate = self.config.eager_propagates if throw is None else throw
         if propagate and outcome.exc is not None:
             raise outcome.exc

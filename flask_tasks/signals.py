@@ -13,7 +13,8 @@ before_task_publish    task name (str)              ``body`` (tuple), ``exchange
                                                     ``retry_policy``
 after_task_publish     task name (str)              ``body``, ``headers``, ``exchange``,
                                                     ``routing_key``
-task_received          the worker (Worker)          ``request`` (Request)
+task_received          the worker (Worker)          ``request``: the message headers (dict:
+                                                    ``task``, ``id``, ``eta``, ...)
 task_prerun            the task (Task)              ``task_id``, ``task``, ``args``, ``kwargs``
 task_postrun           the task                     ``task_id``, ``task``, ``args``,
                                                     ``kwargs``, ``retval``, ``state``
@@ -23,13 +24,16 @@ task_failure           the task                     ``task_id``, ``exception``, 
 task_retry             the task                     ``request``, ``reason``, ``einfo``
 task_revoked           the task                     ``request``, ``terminated``, ``signum``,
                                                     ``expired``
+worker_process_init    the worker                   — (in each new prefork child, before it
+                                                    takes tasks: reopen what must not be
+                                                    shared across fork)
 worker_ready           the worker                   —
 worker_shutdown        the worker                   —
 =====================  ===========================  ===========================================
 
-In prefork workers the task signals fire in the child process that runs the
-task; ``task_received``, ``worker_ready`` and ``worker_shutdown`` fire in the
-main worker process.
+In prefork workers the task signals and ``worker_process_init`` fire in the
+child process that runs the task; ``task_received``, ``worker_ready`` and
+``worker_shutdown`` fire in the main worker process.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ task_success = _signals.signal("task-success")
 task_failure = _signals.signal("task-failure")
 task_retry = _signals.signal("task-retry")
 task_revoked = _signals.signal("task-revoked")
+worker_process_init = _signals.signal("worker-process-init")
 worker_ready = _signals.signal("worker-ready")
 worker_shutdown = _signals.signal("worker-shutdown")
 
@@ -81,6 +86,7 @@ __all__ = [
     "task_retry",
     "task_revoked",
     "task_success",
+    "worker_process_init",
     "worker_ready",
     "worker_shutdown",
 ]

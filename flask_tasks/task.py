@@ -314,9 +314,10 @@ class Task(Generic[P, R]):
         if not task_id:
             raise RuntimeError("update_state() needs a task_id outside a running task")
         request = current_request.get()
-        if request is not None and request.is_eager:
+        app_state = self._state()
+        if request is not None and request.is_eager and not app_state.config.store_eager_result:
             return
-        self._state().backend.store_result(task_id, meta, state or "PENDING", request=request)
+        app_state.backend.store_result(task_id, meta, state or "PENDING", request=request)
 
     # -- handlers (override in a base class) -------------------------------------
     def before_start(self, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:

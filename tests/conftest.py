@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from flask import Flask
 
 from tests.helpers import WorkerProcess, free_port, wait_for
 
@@ -73,3 +74,22 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
     for worker in workers:
         worker.stop()
         worker.kill_group()
+
+
+@pytest.fixture()
+def basic_app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    """``tests.apps.basic`` on the test's Redis, its instance folder in ``tmp_path``, in an app context."""
+    from tests.apps import basic
+
+    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
+    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
+    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
+    app = basic.create_app()
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture()
+def redis_env(redis_url: str) -> dict[str, str]:
+    """Environment for a worker of ``tests.apps.basic`` on the test's Redis."""
+    return {"TEST_BROKER_URL": redis_url, "TEST_RESULT_BACKEND": redis_url}

@@ -34,11 +34,12 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
 from ..exceptions import DecodeError
@@ -154,7 +155,12 @@ class SQLBackend(Backend):
             self._pid = os.getpid()
         if self._engine is None:
             engine = self._engine_factory() if self._engine_factory else make_engine(self.url or "")
-            metadata.create_all(engine, tables=[taskmeta], checkfirst=True)
+            try:
+                metadata.create_all(engine, tables=[taskmeta], checkfirst=True)
+            except (OperationalError, ProgrammingError):
+                # Another process created it between our check and CREATE TABLE.
+                if not inspect(engine).has_table(taskmeta.name):
+                    raise
             self._engine = engine
         return self._engine
 

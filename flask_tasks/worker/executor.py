@@ -105,7 +105,7 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
                                          extended=extended)
-                elif request.is_eager:
+                if request.is_eager:  # what a caller would get back from a worker
                     retval = backend.decode(backend.encode(retval))
             except Ignore:
                 outcome.state = states.IGNORED

@@ -35,7 +35,13 @@ from ..extension import AppState, Tasks
 from ..protocol import check_headers
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
-from ..signals import send_robust, task_received, worker_ready, worker_shutdown
+from ..signals import (
+    send_robust,
+    task_received,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from .executor import ACK, REJECT, REQUEUE, Job, Outcome, execute
 from .pools import LOST, POOLS
 
@@ -89,7 +95,7 @@ class Worker(ConsumerMixin):
             config.broker_connection_timeout)
         self.pool = POOLS[self.pool_name](
             self._run_job, limit=self.concurrency,
-            max_tasks_per_child=self.max_tasks_per_child)
+            max_tasks_per_child=self.max_tasks_per_child, on_child_start=self._child_init)
         self._tags = itertools.count(1)
         self._buffer: deque[tuple[int, Message, bool]] = deque()
         self._inflight: dict[int, tuple[Message, bool, str, str]] = {}
@@ -97,11 +103,24 @@ class Worker(ConsumerMixin):
         self._warm = False
         self._cold = False
         self._last_cleanup = time.monotonic()
+        self._flush_acks: Any = None
         self.exit_code = EX_OK
 
     # -- running a job (inside the pool) ---------------------------------------------
     def _run_job(self, job: Job) -> Outcome:
         return execute(self.app, self.state, job, hostname=self.hostname)
+
+    def _child_init(self) -> None:
+        """In a new prefork child: drop the parent's database connections, tell receivers."""
+        db = self.app.extensions.get("sqlalchemy")
+        if db is not None:
+            try:
+                with self.app.app_context():
+                    for engine in db.engines.values():
+                        engine.dispose(close=False)  # the parent keeps using its sockets
+            except Exception:
+                logger.exception("Could not reset the app's database engines after fork")
+        send_robust(worker_process_init, self)
 
     # -- ConsumerMixin -----------------------------------------------------------------
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
@@ -125,6 +144,7 @@ class Worker(ConsumerMixin):
                          **kwargs: Any) -> None:
         if hasattr(channel, "renew_leases"):
             self._keep_leases(channel)
+        self._flush_acks = getattr(channel, "flush_acks", None)
         if not getattr(self, "_ready_sent", False):
             self._ready_sent = True
             logger.info("%s ready.", self.hostname)
@@ -246,6 +266,8 @@ class Worker(ConsumerMixin):
         while self._buffer and self.pool.free() == 0 and not self._warm:
             self._complete(self.pool.collect(0.5))
             self._dispatch()
+        if self._flush_acks is not None:
+            self._flush_acks()
         if self._warm:
             self._drain_for_shutdown()
         elif time.monotonic() - self._last_cleanup > CLEANUP_INTERVAL:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -17,15 +15,6 @@ from flask_tasks.routing import make_queue
 from tests.apps import basic
 
 APP = "tests.apps.basic:create_app"
-
-
-@pytest.fixture()
-def app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
-    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
-    app = basic.create_app()
-    with app.app_context():
-        yield app
 
 
 @pytest.fixture()
@@ -42,20 +31,20 @@ def publish_raw(url: str, body: bytes, content_type: str, headers: dict | None) 
                                 else "utf-8", headers=headers or {})
 
 
-def test_unserializable_argument_fails_in_caller_and_sends_nothing(app: Flask,
+def test_unserializable_argument_fails_in_caller_and_sends_nothing(basic_app: Flask,
                                                                   redis_url: str) -> None:
     with pytest.raises(EncodeError, match="cannot be encoded with the 'json' serializer"):
         basic.add.delay({1, 2}, 3)
     assert redis.Redis.from_url(redis_url).llen("celery") == 0
 
 
-def test_wrong_arguments_fail_in_caller(app: Flask, redis_url: str) -> None:
+def test_wrong_arguments_fail_in_caller(basic_app: Flask, redis_url: str) -> None:
     with pytest.raises(TypeError, match="tests.apps.basic.add"):
         basic.add.delay(1)  # type: ignore[call-arg]
     assert redis.Redis.from_url(redis_url).llen("celery") == 0
 
 
-def test_unknown_task_is_rejected_and_marked_failed(app: Flask, worker) -> None:
+def test_unknown_task_is_rejected_and_marked_failed(basic_app: Flask, worker) -> None:
     result = basic.tasks.send_task("nobody.defined.this", args=(1,))
     with pytest.raises(NotRegistered, match="not registered in this worker"):
         result.get(timeout=10)
@@ -64,7 +53,7 @@ def test_unknown_task_is_rejected_and_marked_failed(app: Flask, worker) -> None:
     assert basic.add.delay(1, 1).get(timeout=10) == 2
 
 
-def test_garbage_message_is_rejected_and_worker_keeps_serving(app: Flask, worker,
+def test_garbage_message_is_rejected_and_worker_keeps_serving(basic_app: Flask, worker,
                                                                redis_url: str) -> None:
     publish_raw(redis_url, b"this is not json", "application/json", None)
     worker.wait_output("Rejected message")
@@ -77,7 +66,7 @@ def test_garbage_message_is_rejected_and_worker_keeps_serving(app: Flask, worker
     assert worker.proc.poll() is None
 
 
-def test_pickle_message_refused_when_only_json_accepted(app: Flask, worker,
+def test_pickle_message_refused_when_only_json_accepted(basic_app: Flask, worker,
                                                         redis_url: str) -> None:
     headers = {"lang": "py", "task": "tests.apps.basic.add", "id": "pickled-1"}
     publish_raw(redis_url, pickle.dumps(((2, 3), {}, {})), "application/x-python-serialize",

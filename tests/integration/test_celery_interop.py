@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -17,15 +16,6 @@ from tests.helpers import ROOT, wait_for
 celery = pytest.importorskip("celery") if not os.environ.get("CI") else __import__("celery")
 
 APP = "tests.apps.basic:create_app"
-
-
-@pytest.fixture()
-def app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
-    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
-    app = basic.create_app()
-    with app.app_context():
-        yield app
 
 
 @pytest.fixture()
@@ -49,13 +39,13 @@ def celery_worker(redis_url: str) -> Iterator[subprocess.Popen[str]]:
         log.unlink(missing_ok=True)
 
 
-def test_celery_worker_runs_flask_tasks_messages(app: Flask, celery_worker) -> None:
+def test_celery_worker_runs_flask_tasks_messages(basic_app: Flask, celery_worker) -> None:
     assert basic.add.delay(2, 3).get(timeout=20) == 5
     with pytest.raises(ValueError, match="from flask_tasks"):
         basic.fail.delay("from flask_tasks").get(timeout=20)
 
 
-def test_flask_tasks_worker_runs_celery_client_messages(app: Flask, redis_url: str,
+def test_flask_tasks_worker_runs_celery_client_messages(basic_app: Flask, redis_url: str,
                                                         start_worker) -> None:
     from tests.apps.celery_side import app as celery_app
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -18,22 +16,13 @@ from tests.helpers import wait_for
 APP = "tests.apps.basic:create_app"
 
 
-@pytest.fixture()
-def app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
-    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
-    app = basic.create_app()
-    with app.app_context():
-        yield app
-
-
 def env(url: str) -> dict[str, str]:
     return {"TEST_BROKER_URL": url, "TEST_RESULT_BACKEND": url}
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_warm_shutdown_finishes_running_task_and_leaves_the_rest(
-        app: Flask, redis_url: str, start_worker, pool: str) -> None:
+        basic_app: Flask, redis_url: str, start_worker, pool: str) -> None:
     worker = start_worker(APP, "-P", pool, "-c", "1", env=env(redis_url))
     running = basic.sleep.delay(1.5)
     wait_for(lambda: running.state == states.STARTED, timeout=10, message="task started")
@@ -50,7 +39,7 @@ def test_warm_shutdown_finishes_running_task_and_leaves_the_rest(
     assert [r.get(timeout=10) for r in waiting] == [0, 2, 4]
 
 
-def test_acks_late_task_survives_cold_shutdown(app: Flask, redis_url: str, start_worker) -> None:
+def test_acks_late_task_survives_cold_shutdown(basic_app: Flask, redis_url: str, start_worker) -> None:
     worker = start_worker(APP, "-c", "1", env=env(redis_url))
     late = basic.slow_late.delay(30)
     wait_for(lambda: late.state == states.STARTED, timeout=10, message="task started")
@@ -64,7 +53,7 @@ def test_acks_late_task_survives_cold_shutdown(app: Flask, redis_url: str, start
     wait_for(lambda: client.llen("celery") == 1, timeout=10, message="message restored")
 
 
-def test_dead_child_is_replaced_and_its_task_fails(app: Flask, redis_url: str,
+def test_dead_child_is_replaced_and_its_task_fails(basic_app: Flask, redis_url: str,
                                                    start_worker) -> None:
     worker = start_worker(APP, "-P", "prefork", "-c", "1", env=env(redis_url))
     before = basic.pid.delay().get(timeout=10)
@@ -76,7 +65,7 @@ def test_dead_child_is_replaced_and_its_task_fails(app: Flask, redis_url: str,
     worker.wait_output("died while running a task")
 
 
-def test_max_tasks_per_child(app: Flask, redis_url: str, start_worker) -> None:
+def test_max_tasks_per_child(basic_app: Flask, redis_url: str, start_worker) -> None:
     start_worker(APP, "-c", "1", "--max-tasks-per-child", "2", env=env(redis_url))
     pids = [basic.pid.delay().get(timeout=10) for _ in range(4)]
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]

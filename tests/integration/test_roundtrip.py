@@ -16,16 +16,6 @@ APP = "tests.apps.basic:create_app"
 
 
 @pytest.fixture()
-def redis_app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
-    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    app = basic.create_app()
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture()
 def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
     monkeypatch.delenv("TEST_BROKER_URL", raising=False)
     monkeypatch.delenv("TEST_RESULT_BACKEND", raising=False)
@@ -40,7 +30,7 @@ def worker_env(url: str | None) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_redis_round_trip(redis_app: Flask, redis_url: str, start_worker, pool: str) -> None:
+def test_redis_round_trip(basic_app: Flask, redis_url: str, start_worker, pool: str) -> None:
     worker = start_worker(APP, "-P", pool, "-c", "2", env=worker_env(redis_url))
     result = basic.add.delay(2, 3)
     assert result.get(timeout=10) == 5
@@ -52,7 +42,7 @@ def test_redis_round_trip(redis_app: Flask, redis_url: str, start_worker, pool: 
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_failure_reraises_with_type_and_traceback(redis_app: Flask, redis_url: str,
+def test_failure_reraises_with_type_and_traceback(basic_app: Flask, redis_url: str,
                                                   start_worker, pool: str) -> None:
     worker = start_worker(APP, "-P", pool, "-c", "2", env=worker_env(redis_url))
     result = basic.fail.delay("bad input")
@@ -64,7 +54,7 @@ def test_failure_reraises_with_type_and_traceback(redis_app: Flask, redis_url: s
     worker.wait_output("raised unexpected: ValueError('bad input')")
 
 
-def test_progress_and_request(redis_app: Flask, redis_url: str, start_worker) -> None:
+def test_progress_and_request(basic_app: Flask, redis_url: str, start_worker) -> None:
     start_worker(APP, "-c", "1", env=worker_env(redis_url))
     seen: list[str] = []
     result = basic.progress.delay(3)
@@ -73,7 +63,7 @@ def test_progress_and_request(redis_app: Flask, redis_url: str, start_worker) ->
     assert seen[-1] == states.SUCCESS
 
 
-def test_app_context_and_teardown(redis_app: Flask, redis_url: str, start_worker) -> None:
+def test_app_context_and_teardown(basic_app: Flask, redis_url: str, start_worker) -> None:
     start_worker(APP, "-P", "solo", env=worker_env(redis_url))
     assert basic.app_info.delay().get(timeout=10)["app"] == "tests.apps.basic"
     # The same process runs both (solo): an uncommitted row must not leak into the next task.
@@ -81,7 +71,7 @@ def test_app_context_and_teardown(redis_app: Flask, redis_url: str, start_worker
     assert basic.pending_rows.delay().get(timeout=10) == 0
 
 
-def test_track_started_and_ignore_result(redis_app: Flask, redis_url: str, start_worker) -> None:
+def test_track_started_and_ignore_result(basic_app: Flask, redis_url: str, start_worker) -> None:
     start_worker(APP, "-c", "1", env=worker_env(redis_url))
     slow = basic.sleep.delay(1.0)
     from tests.helpers import wait_for
@@ -95,7 +85,7 @@ def test_track_started_and_ignore_result(redis_app: Flask, redis_url: str, start
     assert quiet.state == states.PENDING  # never stored
 
 
-def test_unencodable_result_fails_clearly(redis_app: Flask, redis_url: str, start_worker) -> None:
+def test_unencodable_result_fails_clearly(basic_app: Flask, redis_url: str, start_worker) -> None:
     start_worker(APP, "-c", "1", env=worker_env(redis_url))
     result = basic.bad_result.delay()
     with pytest.raises(Exception, match="cannot be encoded"):
@@ -103,7 +93,7 @@ def test_unencodable_result_fails_clearly(redis_app: Flask, redis_url: str, star
     assert result.state == states.FAILURE
 
 
-def test_forget(redis_app: Flask, redis_url: str, start_worker) -> None:
+def test_forget(basic_app: Flask, redis_url: str, start_worker) -> None:
     start_worker(APP, "-c", "1", env=worker_env(redis_url))
     result = basic.add.delay(1, 2)
     assert result.get(timeout=10) == 3

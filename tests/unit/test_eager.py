@@ -140,3 +140,13 @@ def test_apply_without_eager_config(tmp_path: Path) -> None:
     with app.app_context():
         assert mul.apply((3, 4)).get() == 12
     assert mul.apply((2, 4)).get() == 8  # Tasks(app) serves calls outside a context too
+
+
+def test_store_eager_result(tmp_path: Path) -> None:
+    app = Flask("store_eager", instance_path=str(tmp_path))
+    app.config.update(TASKS_ALWAYS_EAGER=True, TASKS_STORE_EAGER_RESULT=True)
+    tasks.init_app(app)
+    with app.app_context():
+        result = add.delay(20, 22)
+        assert tasks.AsyncResult(result.id).get(timeout=1) == 42
+        assert tasks.AsyncResult(boom.delay().id).state == states.FAILURE
