@@ -21,7 +21,7 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
 def _state() -> Any:
     ext = current_app.extensions["tasks"]
-    return ext.state(current_app._get_current_object())
+    return ext.state(current_app._get_current_object())  # type: ignore[attr-defined]
 
 
 def setup_logging(level: str) -> None:

@@ -234,7 +234,7 @@ class AppState:
         propagate = self.config.eager_propagates if throw is None else throw
         if propagate and outcome.exc is not None:
             raise outcome.exc
-        meta = {"task_id": task_id, "status": outcome.state,
+        meta: dict[str, Any] = {"task_id": task_id, "status": outcome.state,
                 "result": outcome.exc if outcome.exc is not None else outcome.retval,
                 "traceback": outcome.traceback, "children": [], "date_done": None}
         return EagerResult(task_id, meta, task_name=task.name)
@@ -334,7 +334,9 @@ class Tasks:
     def task(self, *, bind: Literal[False] = ..., **options: Any
              ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    def task(  # type: ignore[misc]  # mypy cannot match **options against positional-only fn
+        self, fn: Callable[..., Any] | None = None, /, *, bind: bool = False, **options: Any
+    ) -> Any:
         """Turn a function into a task: ``@tasks.task`` or ``@tasks.task(**options)``.
 
         Options (all optional; ``None`` means the app's ``TASKS_*`` setting):
@@ -349,6 +351,8 @@ class Tasks:
         :raises ImproperlyConfigured: the function is in ``__main__`` or
             nested in a function and was given no ``name``.
         """
+        options["bind"] = bind
+
         def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
             task = make_task(f, self, options)
             self.registry.register(task)

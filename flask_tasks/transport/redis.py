@@ -146,7 +146,7 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
         if not dest_item:
             raise kombu_redis.Empty()

@@ -173,10 +173,10 @@ def execute(app: Flask, state: AppState, job: Job, hostname: str | None = None) 
         return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, reason=reason, exc=exc)
     task = state.get_task(request.task)
     if task is None:
-        exc = NotRegistered(unknown_task_message(request.task, len(state.task_names())))
-        _store_failure(state, request.id, exc)
-        return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, exc=exc,
-                       reason=f"Rejected task {request.task}[{request.id}]: {exc}")
+        error = NotRegistered(unknown_task_message(request.task, len(state.task_names())))
+        _store_failure(state, request.id, error)
+        return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, exc=error,
+                       reason=f"Rejected task {request.task}[{request.id}]: {error}")
     outcome = run_task(app, state, task, request, hostname=hostname)
     outcome.tag = job.tag
     return outcome

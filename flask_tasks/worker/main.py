@@ -126,7 +126,8 @@ class Worker(ConsumerMixin):
     def get_consumers(self, consumer_cls: type[Consumer], channel: Any) -> list[Consumer]:
         channel.basic_qos(0, self.prefetch_count, False)
         queues = [self.state.router.queue(name) for name in self.queues]
-        self._consumers = [consumer_cls(queues=queues, on_message=self.on_message,
+        # ConsumerMixin hands us a Consumer class with the channel already bound.
+        self._consumers = [consumer_cls(queues=queues, on_message=self.on_message,  # type: ignore[call-arg]
                                         no_ack=False, accept=None)]
         return self._consumers
 

@@ -248,7 +248,7 @@ class PreforkPool:
             if isinstance(item, int):
                 dead.append(self._by_sentinel[item])
                 continue
-            child = self._by_conn[item]
+            child = self._by_conn[item]  # type: ignore[index]
             try:
                 tag, state, action, reason, runtime, retiring = child.conn.recv()
             except (EOFError, OSError):

@@ -1,0 +1,23 @@
+# Checked by tests/unit/test_typing.py with mypy; never imported. Lines marked
+# "error" must be reported, every other line must type-check.
+from flask_tasks import Tasks
+
+tasks = Tasks()
+
+
+@tasks.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@tasks.task(bind=True, name="sample.bound")
+def bound(self, n: int) -> str:  # type: ignore[no-untyped-def]
+    return str(n)
+
+
+total: int = add.delay(1, 2).get()
+text: str = bound.delay(3).get(timeout=1.0)
+direct: int = add(1, 2)
+add.delay("x", 2)  # error
+bound.delay("no")  # error
+add.apply_async((1, 2), countdown=1.0)
