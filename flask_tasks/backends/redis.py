@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from .. import states
+from .._redis import execute
 from ..exceptions import TimeoutError
 from .base import Backend, OnMessage
 
@@ -49,13 +50,11 @@ class RedisBackend(Backend):
     def _set(self, task_id: str, meta: dict[str, Any]) -> None:
         key = KEY_PREFIX + task_id
         value = self.encode(meta)
-        pipe = self.client.pipeline(transaction=False)
         if self.expires:
-            pipe.set(key, value, ex=max(1, int(self.expires)))
+            store: tuple[Any, ...] = ("SET", key, value, "EX", max(1, int(self.expires)))
         else:
-            pipe.set(key, value)
-        pipe.publish(key, value)
-        pipe.execute()
+            store = ("SET", key, value)
+        execute(self.client, store, ("PUBLISH", key, value))
 
     def _get(self, task_id: str) -> dict[str, Any] | None:
         data = self.client.get(KEY_PREFIX + task_id)

@@ -14,9 +14,12 @@ Redis interoperate and kombu's recovery works unchanged. Three changes:
    two round trips instead of 2·N, and a message is never popped without
    being recorded (except the ``BRPOP``-ed one, for the same instant as in
    kombu).
-3. **Batched acknowledgements.** ``ack()`` is buffered and flushed in one
-   pipeline before the consumer blocks again (and before any reject,
-   restore or close), so N acks cost one round trip.
+3. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
+   along with the next reservation (same round trip), or are flushed in one
+   pipeline before a ``BRPOP`` that is likely to block, when they are older
+   than :data:`ACK_MAX_AGE` seconds, and before any reject, restore or close.
+   A crash can thus leave up to ``ACK_MAX_AGE`` seconds of acks unsent: those
+   messages come back after ``visibility_timeout`` (a duplicate, never a loss).
 """
 
 from __future__ import annotations
@@ -30,14 +33,22 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
+
+from .._redis import Script, execute
 
 #: KEYS: the queue's list keys in priority order, then the unacked hash and
-#: index. ARGV: how many more to pop, the time, then the BRPOP-ed message.
+#: index. ARGV: how many more to pop, the time, the BRPOP-ed message, then
+#: tags acknowledged since the last round trip.
 #: Returns [key, message, key, message, ...] for the extra messages.
 RESERVE = """
 local unacked, index = KEYS[#KEYS - 1], KEYS[#KEYS]
 local now = tonumber(ARGV[2])
+if #ARGV > 3 then
+  local tags = {unpack(ARGV, 4)}
+  redis.call('ZREM', index, unpack(tags))
+  redis.call('HDEL', unacked, unpack(tags))
+end
 local function record(item)
   local ok, msg = pcall(cjson.decode, item)
   if not ok or type(msg) ~= 'table' or type(msg.properties) ~= 'table' then return end
@@ -63,8 +74,12 @@ end
 return out
 """
 
+_reserve = Script(RESERVE)
+
 #: Most messages reserved in one round trip.
 MAX_BATCH = 100
+#: Seconds an acknowledgement may wait in the buffer.
+ACK_MAX_AGE = 0.1
 
 
 class QoS(kombu_redis.QoS):
@@ -73,6 +88,7 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: list[str] = []
+        self._acks_since = 0.0
         self._recorded: set[str] = set()
 
     def append(self, message: Any, delivery_tag: str) -> None:
@@ -83,19 +99,35 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
+        if not self._acks:
+            self._acks_since = time.monotonic()
         self._acks.append(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
-    def flush(self) -> None:
-        """Remove the buffered acknowledged tags from Redis in one round trip."""
-        if not self._acks:
+    def take_acks(self) -> list[str]:
+        """Hand the buffered tags to a round trip that will remove them."""
+        tags, self._acks = self._acks, []
+        return tags
+
+    def restore_acks(self, tags: list[str]) -> None:
+        """Put back tags whose round trip failed."""
+        self._acks[:0] = tags
+
+    def flush(self, max_age: float = 0.0) -> None:
+        """Remove buffered acknowledged tags from Redis in one round trip.
+
+        :param max_age: only if the oldest has waited this many seconds.
+        """
+        if not self._acks or time.monotonic() - self._acks_since < max_age:
             return
         tags, self._acks = self._acks, []
         with self.channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.zrem(self.unacked_index_key, *tags)
-            pipe.hdel(self.unacked_key, *tags)
-            pipe.execute()
+            try:
+                execute(client, ("ZREM", self.unacked_index_key, *tags),
+                        ("HDEL", self.unacked_key, *tags))
+            except BaseException:
+                self.restore_acks(tags)
+                raise
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         self.flush()
@@ -116,7 +148,8 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _shared_client: Any = None
     _shared_pid: int = 0
-    _reserve_script: Any = None
+    #: The last reservation got fewer messages than it asked for.
+    _queue_drained = True
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -126,16 +159,25 @@ class Channel(kombu_redis.Channel):
         if self._shared_client is None or self._shared_pid != os.getpid():
             self._shared_client = self._create_client()
             self._shared_pid = os.getpid()
-            self._reserve_script = None
         yield self._shared_client
 
-    def flush_acks(self) -> None:
-        """Send buffered acknowledgements now (the worker calls this each loop turn)."""
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        if kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
+            super()._put(queue, message, **kwargs)  # kombu's batch and queue-expiry paths
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            execute(client, ("LPUSH", key, dumps(message)))
+
+    def flush_acks(self, max_age: float = ACK_MAX_AGE) -> None:
+        """Send buffered acknowledgements older than ``max_age`` seconds (each loop turn)."""
         if self._qos is not None:
-            self._qos.flush()
+            self._qos.flush(max_age)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        self.flush_acks()  # never block with acks still buffered
+        # Before a BRPOP that will probably block, send the buffered acks;
+        # while messages keep coming they ride along with the next reservation.
+        self.flush_acks(0.0 if self._queue_drained else ACK_MAX_AGE)
         super()._brpop_start(timeout)
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -155,29 +197,34 @@ class Channel(kombu_redis.Channel):
         self._queue_cycle.rotate(queue)
         budget = self.qos.can_consume_max_estimate()
         more = MAX_BATCH if budget is None else min(MAX_BATCH, max(budget - 1, 0))
-        items = self._reserve(queue, item, more)
-        for raw in items:
-            self.connection._deliver(loads(bytes_to_str(raw)), queue)
+        for payload in self._reserve(queue, item, more):
+            self.connection._deliver(payload, queue)
         return True
 
-    def _reserve(self, queue: str, first: bytes, more: int) -> list[bytes]:
-        """Record ``first`` as unacked and pop/record up to ``more`` others: one round trip."""
+    def _reserve(self, queue: str, first: bytes, more: int) -> list[dict[str, Any]]:
+        """Record ``first`` as unacked and pop/record up to ``more`` others: one round trip.
+
+        :returns: the decoded messages, ``first`` first.
+        """
         qos = self.qos
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+        keys += [qos.unacked_key, qos.unacked_index_key]
+        acks = qos.take_acks()
         with self.conn_or_acquire() as client:
-            if self._reserve_script is None:
-                self._reserve_script = client.register_script(RESERVE)
-            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
-            keys += [qos.unacked_key, qos.unacked_index_key]
-            reply = self._reserve_script(keys=keys, args=[more, time.time(), first],
-                                         client=client)
-        items = [first] + reply[1::2]
-        for raw in items:
             try:
-                tag = loads(bytes_to_str(raw))["properties"]["delivery_tag"]
-            except Exception:
-                continue
-            qos._recorded.add(tag)
-        return items
+                reply = _reserve(client, keys, [more, time.time(), first, *acks])
+            except BaseException:
+                qos.restore_acks(acks)
+                raise
+        self._queue_drained = len(reply) // 2 < more
+        payloads = []
+        for raw in [first, *reply[1::2]]:
+            payload = loads(bytes_to_str(raw))
+            tag = payload.get("properties", {}).get("delivery_tag")
+            if tag is not None:
+                qos._recorded.add(tag)
+            payloads.append(payload)
+        return payloads
 
 
 class Transport(kombu_redis.Transport):

@@ -36,8 +36,8 @@ logger = logging.getLogger("flask_tasks.worker")
 
 HOSTNAME = socket.gethostname()
 
-#: What the consumer does with the message after the job.
-ACK, REJECT, REQUEUE = "ack", "reject", "requeue"
+#: What the consumer does with the message after the job (SKIP: never started).
+ACK, REJECT, REQUEUE, SKIP = "ack", "reject", "requeue", "skip"
 
 
 @dataclass

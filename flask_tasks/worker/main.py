@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask
@@ -42,8 +43,8 @@ from ..signals import (
     worker_ready,
     worker_shutdown,
 )
-from .executor import ACK, REJECT, REQUEUE, Job, Outcome, execute
-from .pools import LOST, POOLS
+from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, execute
+from .pools import LOST, POOLS, PreforkPool
 
 logger = logging.getLogger("flask_tasks.worker")
 
@@ -53,6 +54,17 @@ EX_FAILURE = 1
 EX_COLD = 2
 
 CLEANUP_INTERVAL = 3600.0
+
+
+@dataclass
+class _Delivery:
+    """A message handed to the pool and not yet settled."""
+
+    message: Message
+    acks_late: bool
+    name: str
+    task_id: str
+    acked: bool = False
 
 
 class Worker(ConsumerMixin):
@@ -95,10 +107,15 @@ class Worker(ConsumerMixin):
             config.broker_connection_timeout)
         self.pool = POOLS[self.pool_name](
             self._run_job, limit=self.concurrency,
-            max_tasks_per_child=self.max_tasks_per_child, on_child_start=self._child_init)
+            max_tasks_per_child=self.max_tasks_per_child, on_child_start=self._child_init,
+            depth=max(self.prefetch_count, 2 * self.concurrency) if self.prefetch_count
+            else 4 * self.concurrency)
+        # A prefork pool queues jobs ahead of its processes: early-ack messages are
+        # acked when a process starts them; the other pools start them on submit.
+        self._ack_on_start = isinstance(self.pool, PreforkPool)
         self._tags = itertools.count(1)
         self._buffer: deque[tuple[int, Message, bool]] = deque()
-        self._inflight: dict[int, tuple[Message, bool, str, str]] = {}
+        self._inflight: dict[int, _Delivery] = {}
         self._consumers: list[Consumer] = []
         self._warm = False
         self._cold = False
@@ -215,9 +232,11 @@ class Worker(ConsumerMixin):
         while self._buffer and self.pool.free() > 0 and not self._warm:
             tag, message, acks_late = self._buffer.popleft()
             headers = message.headers
-            self._inflight[tag] = (message, acks_late, headers["task"], headers["id"])
-            if not acks_late:
+            delivery = _Delivery(message, acks_late, headers["task"], headers["id"])
+            self._inflight[tag] = delivery
+            if not acks_late and not self._ack_on_start:
                 self._settle(message, ACK)
+                delivery.acked = True
             self.pool.submit(Job(tag, headers, message.body, message.content_type,
                                  message.content_encoding, dict(message.properties),
                                  dict(message.delivery_info)))
@@ -237,21 +256,35 @@ class Worker(ConsumerMixin):
                            "redeliver it if it was unacknowledged.", action,
                            _message_id(message), exc)
 
+    def _ack_started(self) -> None:
+        """Acknowledge the early-ack messages whose job a pool process has started."""
+        if not self._ack_on_start:
+            return
+        for tag in self.pool.started():
+            delivery = self._inflight.get(tag)
+            if delivery is not None and not delivery.acks_late and not delivery.acked:
+                self._settle(delivery.message, ACK)
+                delivery.acked = True
+
     def _complete(self, outcomes: list[Outcome]) -> None:
+        self._ack_started()
         for outcome in outcomes:
-            entry = self._inflight.pop(outcome.tag, None)
-            if entry is None:
+            delivery = self._inflight.pop(outcome.tag, None)
+            if delivery is None:
                 continue
-            message, acks_late, name, task_id = entry
-            if outcome.action == LOST:
-                self._worker_lost(name, task_id, outcome.reason or "")
+            action = outcome.action
+            if action == SKIP:  # queued, never started (warm shutdown): back to the queue
+                action = REQUEUE
+            elif action == LOST:
+                self._worker_lost(delivery.name, delivery.task_id, outcome.reason or "")
                 action = ACK
-            else:
-                action = outcome.action
-                if outcome.reason and action in (REJECT, REQUEUE):
-                    logger.warning("%s", outcome.reason)
-            if acks_late:
-                self._settle(message, action)
+            elif outcome.reason and action in (REJECT, REQUEUE):
+                logger.warning("%s", outcome.reason)
+            if delivery.acked:
+                continue
+            # An early-ack job that started and ended between two looks is acked now.
+            self._settle(delivery.message, action if delivery.acks_late or action == REQUEUE
+                         else ACK)
 
     def _worker_lost(self, name: str, task_id: str, reason: str) -> None:
         exc = WorkerLostError(reason)
@@ -264,6 +297,7 @@ class Worker(ConsumerMixin):
     def on_iteration(self) -> None:
         self._complete(self.pool.collect(0))
         self._dispatch()
+        self._ack_started()
         while self._buffer and self.pool.free() == 0 and not self._warm:
             self._complete(self.pool.collect(0.5))
             self._dispatch()
@@ -292,6 +326,7 @@ class Worker(ConsumerMixin):
         while self._buffer:
             _, message, _ = self._buffer.popleft()
             self._settle(message, REQUEUE)
+        self.pool.begin_shutdown()
         while self.pool.busy() and not self._cold:
             self._complete(self.pool.collect(0.5))
         self.should_stop = True

@@ -7,8 +7,11 @@ Every pool has the same small interface, driven by the worker's main loop
     free() -> int           how many jobs it can take now
     busy() -> int           how many jobs are running
     submit(job)             run a job (only when free() > 0)
+    started() -> list[int]  tags of submitted jobs that have started (a job
+                            may wait in a queue ahead of the pool first)
     collect(timeout)        outcomes of finished jobs; waits up to ``timeout``
                             seconds when none are ready (0: never waits)
+    begin_shutdown()        stop starting queued jobs: they come back SKIPPED
     stop(cold)              end the pool; cold kills running jobs
 
 A prefork child whose process dies (killed, segfault, ``os._exit``) is
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
-from .executor import ACK, Job, Outcome
+from .executor import ACK, SKIP, Job, Outcome
 
 logger = logging.getLogger("flask_tasks.worker")
 
@@ -46,7 +49,9 @@ class Pool(Protocol):
     def free(self) -> int: ...
     def busy(self) -> int: ...
     def submit(self, job: Job) -> None: ...
+    def started(self) -> list[int]: ...
     def collect(self, timeout: float) -> list[Outcome]: ...
+    def begin_shutdown(self) -> None: ...
     def stop(self, cold: bool = False) -> None: ...
 
 
@@ -70,9 +75,15 @@ class SoloPool:
     def submit(self, job: Job) -> None:
         self._done.append(self.runner(job))
 
+    def started(self) -> list[int]:
+        return []  # submit() runs the job: it is started and done before this is asked
+
     def collect(self, timeout: float) -> list[Outcome]:
         done, self._done = self._done, []
         return done
+
+    def begin_shutdown(self) -> None:
+        return None
 
     def stop(self, cold: bool = False) -> None:
         return None
@@ -87,7 +98,7 @@ class ThreadPool:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._running = 0
+        self._running: set[int] = set()
 
     def start(self) -> None:
         for n in range(self.limit):
@@ -106,14 +117,20 @@ class ThreadPool:
             self._done.put(outcome)
 
     def free(self) -> int:
-        return self.limit - self._running
+        return self.limit - len(self._running)
 
     def busy(self) -> int:
-        return self._running
+        return len(self._running)
 
     def submit(self, job: Job) -> None:
-        self._running += 1
+        self._running.add(job.tag)
         self._jobs.put(job)
+
+    def started(self) -> list[int]:
+        return list(self._running)  # an idle thread takes each job at once
+
+    def begin_shutdown(self) -> None:
+        return None
 
     def collect(self, timeout: float) -> list[Outcome]:
         done: list[Outcome] = []
@@ -123,7 +140,8 @@ class ThreadPool:
                 done.append(self._done.get_nowait())
         except queue.Empty:
             pass
-        self._running -= len(done)
+        for outcome in done:
+            self._running.discard(outcome.tag)
         return done
 
     def stop(self, cold: bool = False) -> None:
@@ -140,11 +158,11 @@ class _Child:
         self.index = index
         self.process = process
         self.conn = conn
-        self.job: Job | None = None
 
 
-def _child_main(conn: Connection, runner: Runner, max_tasks: int | None,
-                on_start: Callable[[], None] | None, inherited: list[Connection]) -> None:
+def _child_main(index: int, jobs: Any, conn: Connection, current: Any, stopping: Any,
+                runner: Runner, max_tasks: int | None, on_start: Callable[[], None] | None,
+                inherited: list[Connection]) -> None:
     # Signals are for the main process, which decides warm or cold shutdown
     # (a terminal's Ctrl-C and systemd's stop reach every process of the group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -156,21 +174,26 @@ def _child_main(conn: Connection, runner: Runner, max_tasks: int | None,
     done = 0
     while True:
         try:
-            job = conn.recv()
+            job = jobs.get()
         except (EOFError, OSError):
             break
         if job is None:
             break
+        if stopping.value:  # warm shutdown: hand queued jobs back unstarted
+            conn.send((job.tag, "SKIPPED", SKIP, None, 0.0, False))
+            continue
+        current[index] = job.tag  # the main process acks started jobs, and knows the lost one
         try:
             outcome = runner(job)
         except BaseException as exc:
             logger.exception("Internal error running job %s", job.tag)
             outcome = Outcome(tag=job.tag, state="FAILURE", action=ACK, reason=repr(exc))
-        # Exceptions and return values stay here: they may not pickle.
         done += 1
         retiring = bool(max_tasks and done >= max_tasks)
+        # Exceptions and return values stay here: they may not pickle.
         conn.send((outcome.tag, outcome.state, outcome.action, outcome.reason, outcome.runtime,
                    retiring))
+        current[index] = 0
         if retiring:
             break
     conn.close()
@@ -178,109 +201,131 @@ def _child_main(conn: Connection, runner: Runner, max_tasks: int | None,
 
 
 class PreforkPool:
-    """Runs jobs in ``limit`` forked child processes, one job per child at a time.
+    """Runs jobs in ``limit`` forked child processes.
+
+    Jobs go through one shared queue that holds up to ``depth`` jobs, so a
+    child that finishes takes the next job at once (no round trip through the
+    main process), and no job waits behind a long task while another child
+    is free. Each child writes the tag of the job it runs into a shared slot:
+    the main process acknowledges early-ack jobs when they start (as Celery
+    does when a pool process accepts a job) and knows the job of a child that
+    dies. Each child reports outcomes on its own pipe.
 
     :param runner: called in the child for each job.
+    :param depth: jobs submitted and not finished, at most (default ``2 * limit``).
     :param max_tasks_per_child: replace a child after this many jobs.
     :param on_child_start: called in each new child before it takes jobs.
     """
 
     def __init__(self, runner: Runner, limit: int, max_tasks_per_child: int | None = None,
-                 on_child_start: Callable[[], None] | None = None, **_: Any) -> None:
+                 on_child_start: Callable[[], None] | None = None, depth: int | None = None,
+                 **_: Any) -> None:
         self.runner = runner
         self.limit = limit
+        self.depth = max(depth or 2 * limit, limit)
         self.max_tasks_per_child = max_tasks_per_child
         self.on_child_start = on_child_start
         self._ctx = multiprocessing.get_context("fork")
-        self._children: list[_Child] = []
-        self._idle: list[_Child] = []
-        self._by_conn: dict[Connection, _Child] = {}
+        self._jobs = self._ctx.SimpleQueue()
+        self._current = self._ctx.Array("q", limit, lock=False)
+        self._stopping = self._ctx.Value("b", 0, lock=False)
+        self._children: dict[int, _Child] = {}
+        self._by_conn: dict[Any, _Child] = {}
         self._by_sentinel: dict[int, _Child] = {}
+        self._outstanding: set[int] = set()
+        self._running = True
 
-    def _spawn(self, index: int) -> _Child:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+    def _spawn(self, index: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=False)
+        self._current[index] = 0
         process = self._ctx.Process(
-            target=_child_main, name=f"ForkPoolWorker-{index}",
-            args=(child_conn, self.runner, self.max_tasks_per_child, self.on_child_start,
-                  [c.conn for c in self._children]),
+            target=_child_main, name=f"ForkPoolWorker-{index + 1}",
+            args=(index, self._jobs, child_conn, self._current, self._stopping, self.runner,
+                  self.max_tasks_per_child, self.on_child_start,
+                  [c.conn for c in self._children.values()]),
             daemon=True,
         )
         process.start()
         child_conn.close()
         child = _Child(index, process, parent_conn)
-        self._children.append(child)
-        self._idle.append(child)
+        self._children[index] = child
         self._by_conn[parent_conn] = child
         self._by_sentinel[process.sentinel] = child
-        return child
 
     def start(self) -> None:
-        for n in range(self.limit):
-            self._spawn(n + 1)
+        for index in range(self.limit):
+            self._spawn(index)
 
     def free(self) -> int:
-        return len(self._idle)
+        return self.depth - len(self._outstanding)
 
     def busy(self) -> int:
-        return len(self._children) - len(self._idle)
+        return len(self._outstanding)
 
     def pids(self) -> list[int]:
         """Process ids of the current children."""
-        return [c.process.pid for c in self._children if c.process.pid is not None]
+        return [c.process.pid for c in self._children.values() if c.process.pid is not None]
 
     def submit(self, job: Job) -> None:
-        child = self._idle.pop()
-        child.job = job
-        try:
-            child.conn.send(job)
-        except OSError:  # died between jobs; collect() will replace it and report the job
-            pass
+        self._outstanding.add(job.tag)
+        self._jobs.put(job)
+
+    def started(self) -> list[int]:
+        return [tag for tag in self._current if tag]
+
+    def begin_shutdown(self) -> None:
+        self._stopping.value = 1
+        for _ in self._children:
+            self._jobs.put(None)  # wakes idle children; queued jobs come back SKIPPED
 
     def collect(self, timeout: float) -> list[Outcome]:
-        waitables: list[Any] = [c.conn for c in self._children if c.job is not None]
-        waitables += list(self._by_sentinel)
-        if not waitables:
-            return []
+        waitables: list[Any] = [*self._by_conn, *self._by_sentinel]
         ready = wait(waitables, timeout=timeout)
         done: list[Outcome] = []
         dead: list[_Child] = []
         for item in ready:
+            child = self._by_sentinel[item] if isinstance(item, int) else self._by_conn[item]
             if isinstance(item, int):
-                dead.append(self._by_sentinel[item])
+                dead.append(child)
                 continue
-            child = self._by_conn[item]  # type: ignore[index]
             try:
-                tag, state, action, reason, runtime, retiring = child.conn.recv()
+                while True:  # everything this child has reported so far
+                    tag, state, action, reason, runtime, retiring = child.conn.recv()
+                    self._outstanding.discard(tag)
+                    done.append(Outcome(tag=tag, state=state, action=action, reason=reason,
+                                        runtime=runtime))
+                    if retiring:
+                        dead.append(child)
+                    if not child.conn.poll():
+                        break
             except (EOFError, OSError):
                 dead.append(child)
-                continue
-            child.job = None
-            done.append(Outcome(tag=tag, state=state, action=action, reason=reason,
-                                runtime=runtime))
-            if retiring:
-                dead.append(child)
-            elif child not in dead:
-                self._idle.append(child)
         for child in dict.fromkeys(dead):
             done.extend(self._replace(child))
         return done
 
     def _replace(self, child: _Child) -> list[Outcome]:
-        child.process.join(timeout=1)
+        child.process.join(timeout=5)
         code = child.process.exitcode
-        self._children.remove(child)
-        if child in self._idle:
-            self._idle.remove(child)
+        while child.conn.poll():  # outcomes sent just before it exited
+            try:
+                tag, state, action, reason, runtime, _ = child.conn.recv()
+            except (EOFError, OSError):
+                break
+            self._outstanding.discard(tag)
+        del self._children[child.index]
         self._by_conn.pop(child.conn, None)
         self._by_sentinel.pop(child.process.sentinel, None)
         child.conn.close()
         lost: list[Outcome] = []
-        if child.job is not None:
+        tag = self._current[child.index]
+        if tag and tag in self._outstanding:
+            self._outstanding.discard(tag)
             reason = (f"Worker process {child.process.pid} exited with code {code} "
                       f"(signal {-code})" if code is not None and code < 0 else
                       f"Worker process {child.process.pid} exited with code {code}")
             logger.error("Process %s died while running a task: %s", child.process.name, reason)
-            lost.append(Outcome(tag=child.job.tag, state="FAILURE", action=LOST, reason=reason))
+            lost.append(Outcome(tag=tag, state="FAILURE", action=LOST, reason=reason))
         elif code not in (0, None):
             logger.warning("Process %s exited with code %s; replacing it",
                            child.process.name, code)
@@ -288,20 +333,16 @@ class PreforkPool:
             self._spawn(child.index)
         return lost
 
-    _running = True
-
     def stop(self, cold: bool = False) -> None:
         self._running = False
-        for child in self._children:
-            if cold:
+        children = list(self._children.values())
+        if cold:
+            for child in children:
                 if child.process.is_alive():
                     child.process.kill()
-            else:
-                try:
-                    child.conn.send(None)
-                except OSError:
-                    pass
-        for child in self._children:
+        elif not self._stopping.value:
+            self.begin_shutdown()
+        for child in children:
             child.process.join(timeout=10)
             if child.process.is_alive():
                 child.process.kill()
