@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +67,10 @@ class Publisher:
         self._connection: Connection | None = None
         self._producers: ProducerPool | None = None
         self._pid = os.getpid()
+        # Queues declared on each pooled connection: kombu's maybe_declare
+        # copies and binds the queue on every publish even when it is cached.
+        self._declared: weakref.WeakKeyDictionary[Connection, set[str]] = (
+            weakref.WeakKeyDictionary())
 
     @property
     def connection(self) -> Connection:
@@ -96,13 +101,16 @@ class Publisher:
             unreachable after the retries.
         """
         with self.producers.acquire(block=True) as producer:
+            declared = self._declared.setdefault(producer.connection, set())
+            if queue.name not in declared:
+                producer.maybe_declare(queue, retry, **dict(retry_policy or {}))
+                declared.add(queue.name)
             # The default exchange delivers straight to the queue named by the
             # routing key, sparing kombu's exchange-table lookup on Redis.
             producer.publish(
                 message.body,
                 exchange="",
                 routing_key=queue.name,
-                declare=[queue],
                 content_type=message.content_type,
                 content_encoding=message.content_encoding,
                 headers=message.headers,
