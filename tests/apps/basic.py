@@ -100,6 +100,11 @@ def record(tag: str, seconds: float) -> str:
     return tag
 
 
+@tasks.task(queue="hipri")
+def on_hipri() -> str:
+    return "hipri"
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=os.environ.get("TEST_INSTANCE_PATH") or None)
     broker = os.environ.get("TEST_BROKER_URL")

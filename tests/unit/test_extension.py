@@ -134,3 +134,22 @@ def test_base_class_and_shared_task(tmp_path: Path) -> None:
     with app.app_context():
         assert "unit.shared" in tasks.state().task_names()
         assert shared.delay(4).get() == 8
+
+
+def test_worker_banner_hides_passwords(tmp_path: Path) -> None:
+    from flask_tasks.worker.main import Worker
+
+    tasks = Tasks()
+    app = make_app(tmp_path, BROKER_URL="redis://:s3cret@broker.example:6379/0",
+                   RESULT_BACKEND="db+postgresql://user:hunter2@db.example/results")
+    tasks.init_app(app)
+
+    @tasks.task(name="unit.bannered")
+    def bannered() -> None: ...
+
+    banner = Worker(app, pool="solo", queues=["a", "b"]).banner()
+    assert "s3cret" not in banner and "hunter2" not in banner
+    assert "redis://:**@broker.example:6379/0" in banner
+    assert "postgresql://user:**@db.example/results" in banner
+    assert "unit.bannered" in banner and "queues:      a, b" in banner
+    assert "solo (concurrency: 1)" in banner
