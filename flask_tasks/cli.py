@@ -5,6 +5,7 @@ Thin: parse flags, then call the worker or the extension.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -20,8 +21,12 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
 
 def _state() -> Any:
+    """The current app's state, with TASKS_IMPORTS imported (their tasks registered)."""
     ext = current_app.extensions["tasks"]
-    return ext.state(current_app._get_current_object())  # type: ignore[attr-defined]
+    state = ext.state(current_app._get_current_object())  # type: ignore[attr-defined]
+    for module in state.config.imports:
+        importlib.import_module(module)
+    return state
 
 
 def setup_logging(level: str) -> None:
@@ -93,6 +98,7 @@ def call_command(name: str, args_json: str, kwargs_json: str, queue: str | None,
         raise click.BadParameter(f"not valid JSON: {exc}") from exc
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise click.BadParameter("--args must be a JSON list and --kwargs a JSON object")
+    _state()
     ext = current_app.extensions["tasks"]
     result = ext.send_task(name, args, kwargs, queue=queue, countdown=countdown)
     click.echo(result.id)
@@ -104,9 +110,14 @@ def call_command(name: str, args_json: str, kwargs_json: str, queue: str | None,
               help="Wait up to this many seconds for the task to be ready.")
 def result_command(task_id: str, timeout: float | None) -> None:
     """Print the state and result of TASK_ID as JSON."""
+    from .exceptions import TimeoutError
+
     result = current_app.extensions["tasks"].AsyncResult(task_id)
     if timeout is not None:
-        result.get(timeout=timeout, propagate=False)
+        try:
+            result.get(timeout=timeout, propagate=False)
+        except TimeoutError as exc:
+            raise click.ClickException(str(exc)) from None
     value = result.result
     click.echo(json.dumps({
         "id": task_id, "state": result.state,

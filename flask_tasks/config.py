@@ -166,6 +166,8 @@ def load(mapping: Mapping[str, Any], instance_path: str | None = None) -> Config
             if value is None:
                 value = mapping.get(fallback)
         if value is None:
+            if setting.attr == "result_expires" and setting.key in mapping:
+                values["result_expires"] = None  # explicitly None: keep results forever
             continue
         if isinstance(value, bool) and bool not in setting.types and int in setting.types:
             raise ImproperlyConfigured(f"{setting.key} must be a number, not {value!r}.")

@@ -101,17 +101,16 @@ class AppState:
                                        "for the embedded broker; set BROKER_URL.")
         self.broker_is_embedded = not config.broker_url
         self._app_ref = weakref.ref(app)
-        self._backend: Backend | None = None
         self._publisher: Publisher | None = None
+        engine_factory = None
+        if (config.result_backend or "").lower().startswith("flask-sqlalchemy"):
+            engine_factory = self._flask_sqlalchemy_engine
+        # Built now so a bad RESULT_BACKEND fails in init_app; it connects on first use.
+        self._backend: Backend = make_backend(config.result_backend, config, engine_factory)
 
     @property
     def backend(self) -> Backend:
-        """The result backend (created on first use)."""
-        if self._backend is None:
-            engine_factory = None
-            if (self.config.result_backend or "").lower().startswith("flask-sqlalchemy"):
-                engine_factory = self._flask_sqlalchemy_engine
-            self._backend = make_backend(self.config.result_backend, self.config, engine_factory)
+        """The result backend (it connects on first use)."""
         return self._backend
 
     def _flask_sqlalchemy_engine(self) -> Any:
@@ -122,7 +121,13 @@ class AppState:
                                        "Flask-SQLAlchemy extension; call db.init_app(app).")
         bind = (self.config.result_backend or "").partition("://")[2] or None
         with app.app_context():  # type: ignore[union-attr]
-            return db.engines[bind]
+            try:
+                return db.engines[bind]
+            except KeyError:
+                raise ImproperlyConfigured(
+                    f"RESULT_BACKEND names the Flask-SQLAlchemy bind {bind!r}, which "
+                    f"SQLALCHEMY_BINDS does not define."
+                ) from None
 
     @property
     def publisher(self) -> Publisher:
@@ -162,6 +167,9 @@ class AppState:
                   retries: int = 0, **options: Any) -> AsyncResult[Any]:
         """Encode and publish one task message; see :meth:`Task.apply_async`."""
         config = self.config
+        unknown = set(options) - {"group_id", "group_index", "chain", "chord"}
+        if unknown:
+            raise TypeError(f"Unknown apply_async option(s): {sorted(unknown)}")
         if config.always_eager:
             local = task or self.get_task(name)
             if local is None:
@@ -193,8 +201,6 @@ class AppState:
             chain=options.pop("chain", None),
             chord=options.pop("chord", None),
         )
-        if options:
-            raise TypeError(f"Unknown apply_async option(s): {sorted(options)}")
         queue_obj = self.router.queue(self.router.queue_name(
             name, args, kwargs, {"queue": self._option(task, "queue", queue)}))
         policy = dict(config.publish_retry_policy)
@@ -205,8 +211,7 @@ class AppState:
                     declare=[queue_obj], retry_policy=policy)
         self.publisher.publish(
             message, queue_obj,
-            priority=self._option(task, "priority", priority) if priority is not None or task
-            else config.default_priority,
+            priority=_first(priority, getattr(task, "priority", None), config.default_priority),
             compression=self._option(task, "compression", compression) or config.compression,
             retry=config.publish_retry if retry is None else retry,
             retry_policy=policy,
@@ -243,8 +248,12 @@ class AppState:
         """Forget connections inherited from the parent process."""
         if self._publisher is not None:
             self._publisher.reset_after_fork()
-        if self._backend is not None:
-            self._backend.reset_after_fork()
+        self._backend.reset_after_fork()
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (or None)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -355,6 +364,7 @@ class Tasks:
 
         def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
             task = make_task(f, self, options)
+            shared_registry.check_free(task)
             self.registry.register(task)
             return task
 
@@ -383,6 +393,8 @@ def shared_task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """
     def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
         task = make_task(f, None, options)
+        for ext in list(_all_extensions):
+            ext.registry.check_free(task)
         shared_registry.register(task)
         return task
 

@@ -147,6 +147,9 @@ def build(
         "ignore_result": ignore_result,
     }
     if extra_headers:
+        clash = set(extra_headers) & set(headers)
+        if clash:
+            raise ValueError(f"headers= cannot replace the protocol headers {sorted(clash)}")
         headers.update(extra_headers)
     properties = {"correlation_id": task_id, "reply_to": reply_to}
     return Message(task_id, name, headers, properties, body, content_type,

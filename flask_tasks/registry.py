@@ -25,13 +25,20 @@ class Registry:
 
         :raises ValueError: another function already uses this name.
         """
+        self.check_free(task)
+        self._tasks[task.name] = task
+
+    def check_free(self, task: Task[Any, Any]) -> None:
+        """Raise if another function already uses ``task.name`` here.
+
+        :raises ValueError: the name is taken by a different function.
+        """
         existing = self._tasks.get(task.name)
         if existing is not None and existing.origin != task.origin:
             raise ValueError(
                 f"Two tasks are named {task.name!r}: {existing.origin} and {task.origin}. "
                 f"Give one of them another name with @tasks.task(name=...)."
             )
-        self._tasks[task.name] = task
 
     def get(self, name: str) -> Task[Any, Any] | None:
         """Return the task named ``name``, or None."""

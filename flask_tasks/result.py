@@ -24,7 +24,7 @@ class AsyncResult(Generic[R]):
 
     :param id: the task id.
     :param backend: the result backend of the app the task was sent with.
-    :param task_name: the task's name, when known (for ``repr`` and errors).
+    :param task_name: the task's name, when known.
 
     Reading ``state``/``result`` asks the backend each time until the task is
     ready; a ready result is cached.

@@ -283,8 +283,10 @@ class Task(Generic[P, R]):
         :param throw: re-raise the task's exception (default ``TASKS_EAGER_PROPAGATES``).
         :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized.
         """
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        self.check_arguments(args, kwargs)
         state = self._state()
-        return state.apply_eagerly(self, tuple(args or ()), dict(kwargs or {}),  # type: ignore[return-value]
+        return state.apply_eagerly(self, args, kwargs,  # type: ignore[return-value]
                                    task_id=task_id, throw=throw, **options)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:  # noqa: N802 - Celery's name

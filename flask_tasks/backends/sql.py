@@ -42,6 +42,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
+from kombu.utils.json import loads as json_loads
+
 from ..exceptions import DecodeError
 from .base import Backend
 
@@ -76,7 +78,18 @@ class SafePickleType(TypeDecorator[Any]):
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         if value is None:
             return None
-        return _SafeUnpickler(io.BytesIO(value)).load()
+        value = bytes(value)
+        if not value.startswith(b"\x80"):  # not a pickle: newer Celery stores JSON bytes
+            try:
+                return json_loads(value)
+            except ValueError as exc:
+                raise DecodeError(f"A stored result is neither a pickle nor JSON: {exc}") from exc
+        try:
+            return _SafeUnpickler(io.BytesIO(value)).load()
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"A stored result cannot be unpickled: {exc}") from exc
 
 
 metadata = MetaData()

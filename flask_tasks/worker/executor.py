@@ -125,7 +125,8 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                     logger.info("Task %s[%s] succeeded in %.6fs: %.200r",
                                 task.name, task_id, outcome.runtime, retval)
             finally:
-                _call_handler(task, "after_return", outcome.state, outcome.retval, task_id,
+                retval_or_exc = outcome.exc if outcome.exc is not None else outcome.retval
+                _call_handler(task, "after_return", outcome.state, retval_or_exc, task_id,
                               args, kwargs, outcome.traceback)
                 send_robust(task_postrun, task, task_id=task_id, task=task, args=args,
                             kwargs=kwargs, retval=outcome.retval, state=outcome.state)

@@ -149,8 +149,11 @@ class Worker(ConsumerMixin):
         return self._consumers
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
-        logger.warning("Cannot connect to %s: %s. Trying again in %.1f s...",
-                       mask_url(self.state.broker_url), exc, interval)
+        if self._warm:  # asked to stop while the broker is away: stop now
+            logger.warning("Stopping without a broker connection (%s).", exc)
+            raise SystemExit(EX_OK)
+        logger.warning("Cannot connect to %s (%s); trying again in %.1f s.",
+                       mask_url(self.state.broker_url), str(exc).rstrip("."), interval)
 
     def on_connection_revived(self) -> None:
         if self._inflight or self._buffer:
@@ -218,9 +221,10 @@ class Worker(ConsumerMixin):
             return
         logger.info("Task %s[%s] received", name, task_id)
         acks_late = task.acks_late if task.acks_late is not None else self.state.config.acks_late
-        track = task.track_started if task.track_started is not None \
-            else self.state.config.track_started
-        if track and not (task.ignore_result or message.headers.get("ignore_result")) \
+        config = self.state.config
+        track = task.track_started if task.track_started is not None else config.track_started
+        ignore = task.ignore_result if task.ignore_result is not None else config.ignore_result
+        if track and not (ignore or message.headers.get("ignore_result")) \
                 and not self.state.backend.disabled:
             self.state.backend.store_result(task_id, None, states.RECEIVED)
         send_robust(task_received, self, request=message.headers)
@@ -338,7 +342,7 @@ class Worker(ConsumerMixin):
             if not self._warm:
                 logger.warning("worker: Warm shutdown (%s): finishing %d running task(s); "
                                "press Ctrl-C again for a cold shutdown.",
-                               signal.Signals(signum).name, self.pool.busy())
+                               signal.Signals(signum).name, len(self.pool.started()))
                 self._warm = True
             else:
                 logger.warning("worker: Cold shutdown (%s)", signal.Signals(signum).name)

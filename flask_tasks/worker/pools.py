@@ -160,9 +160,23 @@ class _Child:
         self.conn = conn
 
 
-def _child_main(index: int, jobs: Any, conn: Connection, current: Any, stopping: Any,
-                runner: Runner, max_tasks: int | None, on_start: Callable[[], None] | None,
-                inherited: list[Connection]) -> None:
+def _take(jobs: Connection, lock: Any) -> Job | None:
+    """Take the next job from the shared queue.
+
+    Waits for data *without* the lock and holds it only while reading a
+    message that is already there: a child killed while idle (the usual
+    case for ``kill``) never leaves the lock taken and the pool stalled.
+    """
+    while True:
+        jobs.poll(None)
+        with lock:
+            if jobs.poll(0):
+                return jobs.recv()  # type: ignore[no-any-return]
+
+
+def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, current: Any,
+                stopping: Any, runner: Runner, max_tasks: int | None,
+                on_start: Callable[[], None] | None, inherited: list[Connection]) -> None:
     # Signals are for the main process, which decides warm or cold shutdown
     # (a terminal's Ctrl-C and systemd's stop reach every process of the group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -174,7 +188,7 @@ def _child_main(index: int, jobs: Any, conn: Connection, current: Any, stopping:
     done = 0
     while True:
         try:
-            job = jobs.get()
+            job = _take(jobs, lock)
         except (EOFError, OSError):
             break
         if job is None:
@@ -226,7 +240,9 @@ class PreforkPool:
         self.max_tasks_per_child = max_tasks_per_child
         self.on_child_start = on_child_start
         self._ctx = multiprocessing.get_context("fork")
-        self._jobs = self._ctx.SimpleQueue()
+        # One writer (the main process), several readers (children).
+        self._jobs_out, self._jobs_in = self._ctx.Pipe(duplex=False)
+        self._jobs_lock = self._ctx.Lock()
         self._current = self._ctx.Array("q", limit, lock=False)
         self._stopping = self._ctx.Value("b", 0, lock=False)
         self._children: dict[int, _Child] = {}
@@ -240,7 +256,8 @@ class PreforkPool:
         self._current[index] = 0
         process = self._ctx.Process(
             target=_child_main, name=f"ForkPoolWorker-{index + 1}",
-            args=(index, self._jobs, child_conn, self._current, self._stopping, self.runner,
+            args=(index, self._jobs_out, self._jobs_lock, child_conn, self._current,
+                  self._stopping, self.runner,
                   self.max_tasks_per_child, self.on_child_start,
                   [c.conn for c in self._children.values()]),
             daemon=True,
@@ -268,7 +285,7 @@ class PreforkPool:
 
     def submit(self, job: Job) -> None:
         self._outstanding.add(job.tag)
-        self._jobs.put(job)
+        self._jobs_in.send(job)
 
     def started(self) -> list[int]:
         return [tag for tag in self._current if tag]
@@ -276,7 +293,7 @@ class PreforkPool:
     def begin_shutdown(self) -> None:
         self._stopping.value = 1
         for _ in self._children:
-            self._jobs.put(None)  # wakes idle children; queued jobs come back SKIPPED
+            self._jobs_in.send(None)  # wakes idle children; queued jobs come back SKIPPED
 
     def collect(self, timeout: float) -> list[Outcome]:
         waitables: list[Any] = [*self._by_conn, *self._by_sentinel]

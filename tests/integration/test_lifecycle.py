@@ -69,3 +69,20 @@ def test_max_tasks_per_child(basic_app: Flask, redis_url: str, start_worker) -> 
     start_worker(APP, "-c", "1", "--max-tasks-per-child", "2", env=env(redis_url))
     pids = [basic.pid.delay().get(timeout=10) for _ in range(4)]
     assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2]
+
+
+def test_killing_an_idle_child_does_not_stall_the_pool(basic_app: Flask, redis_env: dict[str, str],
+                                                       start_worker) -> None:
+    import os
+    import psutil
+
+    worker = start_worker(APP, "-P", "prefork", "-c", "2", env=redis_env)
+    assert basic.add.delay(1, 1).get(timeout=10) == 2
+    children = psutil.Process(worker.proc.pid).children()
+    assert len(children) == 2
+    for child in children:  # both idle, waiting for work
+        os.kill(child.pid, 9)
+        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE,
+                 timeout=5, message="child gone")
+    results = [basic.add.delay(i, i) for i in range(6)]
+    assert [r.get(timeout=15) for r in results] == [0, 2, 4, 6, 8, 10]

@@ -26,7 +26,8 @@ class Tracking(Task):
         calls.append(f"on_failure:{type(exc).__name__}")
 
     def after_return(self, status, retval, task_id, args, kwargs, einfo):  # type: ignore[no-untyped-def]
-        calls.append(f"after_return:{status}")
+        calls.append(f"after_return:{status}" + (f":{type(retval).__name__}"
+                                                     if isinstance(retval, Exception) else ""))
 
 
 @tasks.task(name="eager.add", base=Tracking)
@@ -92,7 +93,7 @@ def test_failure_is_stored_not_raised_unless_propagating(app: Flask) -> None:
     assert "KeyError" in (result.traceback or "")
     with pytest.raises(KeyError):
         result.get()
-    assert calls[-2:] == ["on_failure:KeyError", "after_return:FAILURE"]
+    assert calls[-2:] == ["on_failure:KeyError", "after_return:FAILURE:KeyError"]
     with pytest.raises(KeyError):
         boom.apply(throw=True)
 
