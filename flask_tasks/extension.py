@@ -385,12 +385,32 @@ class Tasks:
         return AsyncResult(task_id, self._current_state().backend)
 
 
-def shared_task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+@overload
+def shared_task(fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def shared_task(*, bind: Literal[True], **options: Any
+                ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+
+@overload
+def shared_task(*, bind: Literal[False] = ..., **options: Any
+                ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def shared_task(  # type: ignore[misc]  # as Tasks.task
+    fn: Callable[..., Any] | None = None, /, *, bind: bool = False, **options: Any
+) -> Any:
     """Define a task without the ``Tasks`` object (for blueprints and libraries).
 
     It is visible to every app and is sent through the current app's ``Tasks``
-    extension. Options as :meth:`Tasks.task`.
+    extension. Options as :meth:`Tasks.task`; typed the same way.
+
+    :raises ValueError: another task already has this name.
     """
+    options["bind"] = bind
+
     def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
         task = make_task(f, None, options)
         for ext in list(_all_extensions):

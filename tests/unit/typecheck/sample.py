@@ -1,6 +1,6 @@
 # Checked by tests/unit/test_typing.py with mypy; never imported. Lines marked
 # "error" must be reported, every other line must type-check.
-from flask_tasks import Tasks
+from flask_tasks import Tasks, shared_task
 
 tasks = Tasks()
 
@@ -21,3 +21,12 @@ direct: int = add(1, 2)
 add.delay("x", 2)  # error
 bound.delay("no")  # error
 add.apply_async((1, 2), countdown=1.0)
+
+
+@shared_task(name="sample.shared")
+def shared(flag: bool) -> bool:
+    return flag
+
+
+shared.delay(True)
+shared.delay(1, 2)  # error
