@@ -12,8 +12,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from kombu import Connection, Queue
-from kombu.pools import ProducerPool
+from kombu import Connection, Producer, Queue
 from kombu.utils.url import sanitize_url
 
 from .protocol import Message
@@ -52,9 +51,16 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
 class Publisher:
     """Sends encoded task messages to the broker.
 
+    Producers (each with its own connection, made on first use) are kept in a
+    free list: a publish takes one, uses it, and puts it back, so concurrent
+    threads each get their own and at most ``pool_limit`` idle ones are kept.
+    A publish is tried once without kombu's retry wrapper; only when the
+    connection fails is it sent again through ``Connection.ensure`` with the
+    retry policy.
+
     :param url: the broker URL.
     :param transport_options: kombu transport options.
-    :param pool_limit: connections/producers kept per process.
+    :param pool_limit: idle connections kept per process.
     :param connect_timeout: seconds to wait for a connection.
     """
 
@@ -65,31 +71,34 @@ class Publisher:
         self.pool_limit = pool_limit
         self.connect_timeout = connect_timeout
         self._connection: Connection | None = None
-        self._producers: ProducerPool | None = None
+        self._free: list[Producer] = []
         self._pid = os.getpid()
-        # Queues declared on each pooled connection: kombu's maybe_declare
-        # copies and binds the queue on every publish even when it is cached.
+        # Queues declared on each connection: kombu's maybe_declare copies and
+        # binds the queue on every publish even when it is cached.
         self._declared: weakref.WeakKeyDictionary[Connection, set[str]] = (
             weakref.WeakKeyDictionary())
 
     @property
     def connection(self) -> Connection:
-        """The template connection of the pool (not connected until used)."""
+        """The template connection (not connected; each producer uses a clone)."""
         if self._connection is None or self._pid != os.getpid():
+            self.reset_after_fork()
             self._connection = broker_connection(self.url, self.transport_options,
                                                  self.connect_timeout)
-            self._producers = None
-            self._pid = os.getpid()
         return self._connection
 
-    @property
-    def producers(self) -> ProducerPool:
-        """kombu's producer pool for this process."""
-        connection = self.connection
-        if self._producers is None:
-            self._producers = ProducerPool(connection.Pool(limit=self.pool_limit),
-                                           limit=self.pool_limit)
-        return self._producers
+    def _take(self) -> Producer:
+        template = self.connection
+        try:
+            return self._free.pop()  # atomic: no lock needed
+        except IndexError:
+            return Producer(template.clone(), auto_declare=False)
+
+    def _give_back(self, producer: Producer) -> None:
+        if len(self._free) < self.pool_limit and self._pid == os.getpid():
+            self._free.append(producer)
+        else:
+            producer.connection.release()
 
     def publish(self, message: Message, queue: Queue, *, priority: int | None = None,
                 compression: str | None = None, retry: bool = True,
@@ -100,38 +109,49 @@ class Publisher:
         :raises kombu.exceptions.OperationalError: the broker stayed
             unreachable after the retries.
         """
-        with self.producers.acquire(block=True) as producer:
-            declared = self._declared.setdefault(producer.connection, set())
-            if queue.name not in declared:
-                producer.maybe_declare(queue, retry, **dict(retry_policy or {}))
-                declared.add(queue.name)
-            # The default exchange delivers straight to the queue named by the
-            # routing key, sparing kombu's exchange-table lookup on Redis.
-            producer.publish(
-                message.body,
-                exchange="",
-                routing_key=queue.name,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                headers=message.headers,
-                compression=compression,
-                priority=priority,
-                delivery_mode=2,
-                retry=retry,
-                retry_policy=dict(retry_policy or {}),
-                **message.properties,
-            )
+        producer = self._take()
+        connection = producer.connection
+        # The default exchange delivers straight to the queue named by the
+        # routing key, sparing kombu's exchange-table lookup on Redis.
+        options = dict(
+            exchange="", routing_key=queue.name, content_type=message.content_type,
+            content_encoding=message.content_encoding, headers=message.headers,
+            compression=compression, priority=priority, delivery_mode=2, **message.properties,
+        )
+        policy = dict(retry_policy or {})
+        try:
+            try:
+                self._declare(producer, queue, False, policy)
+                producer.publish(message.body, retry=False, **options)
+            except connection.recoverable_connection_errors as exc:
+                if not retry:
+                    raise
+                logger.warning("Publishing task %s failed (%s); retrying.", message.task_id, exc)
+                self._declared.pop(connection, None)
+                self._declare(producer, queue, True, policy)
+                producer.publish(message.body, retry=True, retry_policy=policy, **options)
+        except BaseException:
+            connection.release()  # a fresh connection next time
+            raise
+        self._give_back(producer)
+
+    def _declare(self, producer: Producer, queue: Queue, retry: bool,
+                 policy: Mapping[str, Any]) -> None:
+        declared = self._declared.setdefault(producer.connection, set())
+        if queue.name not in declared:
+            producer.maybe_declare(queue, retry, **policy)
+            declared.add(queue.name)
 
     def reset_after_fork(self) -> None:
         """Forget connections inherited from the parent (they belong to it)."""
         self._connection = None
-        self._producers = None
+        self._free = []
         self._pid = os.getpid()
 
     def close(self) -> None:
-        """Close pooled connections of this process."""
-        if self._producers is not None and self._pid == os.getpid():
-            self._producers.connections.force_close_all()
-            self._producers.force_close_all()
-        self._producers = None
+        """Close this process's idle connections."""
+        if self._pid == os.getpid():
+            for producer in self._free:
+                producer.connection.release()
+        self._free = []
         self._connection = None

@@ -89,3 +89,45 @@ def test_received_then_started_with_track_started(basic_app: Flask, redis_env: d
     wait_for(lambda: queued.state == states.RECEIVED, timeout=10, message="RECEIVED")
     assert first.state == states.STARTED
     assert queued.get(timeout=10) == 0.1
+
+
+def test_publish_survives_a_broker_restart(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    cmd = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+           "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(up, timeout=10, message="redis up")
+        app = Flask("restart", instance_path=str(tmp_path))
+        app.config.update(BROKER_URL=url, RESULT_BACKEND="disabled")
+        tasks = Tasks(app)
+
+        @tasks.task(name="restart.noop")
+        def noop() -> None: ...
+
+        with app.app_context():
+            noop.delay()
+            assert client.llen("celery") == 1
+            server.terminate()
+            server.wait(10)
+            server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)  # empty: --save ''
+            wait_for(up, timeout=10, message="redis up again")
+            noop.delay()  # the pooled connection is dead: reconnect and retry
+            assert client.llen("celery") == 1
+    finally:
+        server.terminate()
+        server.wait(10)

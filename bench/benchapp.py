@@ -1,0 +1,24 @@
+"""The app the benchmarks run: one no-op task, broker and backend from ``BENCH_REDIS_URL``."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+from flask_tasks import Tasks
+
+tasks = Tasks()
+
+
+@tasks.task(name="bench.noop")
+def noop() -> None:
+    return None
+
+
+def create_app() -> Flask:
+    app = Flask(__name__)
+    url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    app.config.update(BROKER_URL=url, RESULT_BACKEND=url)
+    tasks.init_app(app)
+    return app

@@ -1,0 +1,243 @@
+"""Throughput, latency and memory of flask_tasks against a local Redis.
+
+    python bench/throughput.py [--runs 5] [--tasks 10000] [--compare celery]
+
+Starts its own ``redis-server`` on a free loopback port (or uses ``--redis-url``),
+then measures, median of ``--runs`` runs each:
+
+- publish rate: ``noop.delay()`` from one process, tasks/s;
+- drain rate: ``--tasks`` queued no-op tasks, results stored, run by a fresh
+  ``flask tasks worker -c 2`` (prefork, ``-l WARNING`` as Celery's default):
+  tasks / seconds from the first message taken to the last result stored
+  (worker start-up excluded);
+- round trip: one ``delay()`` + ``get()`` at a time on a warm worker, p50/p99 ms;
+- idle worker memory: RSS of the worker's processes (main + children), MiB.
+
+With ``--compare celery`` / ``--compare dramatiq`` (repeatable) the same
+measures run, in the same run and the same way, against a real Celery worker
+(``celery -A bench.celery_app worker -c 2``) and a Dramatiq worker
+(``dramatiq bench.dramatiq_app -p 2 -t 8``), same no-op task with results
+stored, same Redis; ratios are printed. Needs ``pip install celery
+"dramatiq[redis]"`` for those. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def redis_server(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if not binary:
+        sys.exit("redis-server not found: install it or pass --redis-url")
+    port = free_port()
+    workdir = tempfile.mkdtemp()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Side:
+    """One system under test: send a no-op, find its result, start a worker."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url
+        self.env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
+        os.environ["BENCH_REDIS_URL"] = url
+        if name == "flask_tasks":
+            from bench.benchapp import create_app, noop
+
+            self.app = create_app()
+            self.app.app_context().push()
+            self.send: Callable[[], Any] = noop.delay
+            self.queue_key = "celery"
+            self.worker_cmd = [sys.executable, "-m", "flask", "--app", "bench.benchapp", "tasks",
+                               "worker", "-c", "2", "-P", "prefork", "-l", "WARNING"]
+        elif name == "celery":
+            from bench.celery_app import noop as celery_noop
+
+            self.send = celery_noop.delay
+            self.queue_key = "celery"
+            self.worker_cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
+                               "-c", "2", "-P", "prefork", "-l", "WARNING", "--without-gossip",
+                               "--without-mingle", "--without-heartbeat"]
+        else:
+            from bench import dramatiq_app
+
+            self.dramatiq = dramatiq_app
+            self.send = dramatiq_app.noop.send
+            self.queue_key = "dramatiq:default"
+            self.worker_cmd = [sys.executable, "-m", "dramatiq", "bench.dramatiq_app",
+                               "--processes", "2", "--threads", "8"]
+
+    def result_key(self, handle: Any) -> str:
+        if self.name == "dramatiq":
+            return str(self.dramatiq.backend.build_message_key(handle))
+        return "celery-task-meta-" + handle.id
+
+    def round_trip(self) -> None:
+        handle = self.send()
+        if self.name == "dramatiq":
+            handle.get_result(block=True, timeout=10_000)
+        else:
+            handle.get(timeout=10)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.worker_cmd, env=self.env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure_publish(side: Side, n: int) -> float:
+    redis.Redis.from_url(side.url).flushdb()
+    start = time.perf_counter()
+    for _ in range(n):
+        side.send()
+    return n / (time.perf_counter() - start)
+
+
+def measure_drain(side: Side, n: int) -> float:
+    """N / (first message taken .. last result stored), the same way for every system."""
+    client = redis.Redis.from_url(side.url)
+    client.flushdb()
+    keys = [side.result_key(side.send()) for _ in range(n)]
+    worker = side.start_worker()
+    try:
+        deadline = time.monotonic() + 300
+        while client.llen(side.queue_key) >= n and time.monotonic() < deadline:
+            time.sleep(0.001)
+        began = time.perf_counter()
+        while not client.exists(keys[-1]) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        while sum(client.exists(*keys[i:i + 1000]) for i in range(0, n, 1000)) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{side.name}: timed out waiting for results")
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - began
+    finally:
+        stop(worker)
+    return n / elapsed
+
+
+def measure_latency_and_rss(side: Side, samples: int) -> tuple[float, float, float, float]:
+    redis.Redis.from_url(side.url).flushdb()
+    worker = side.start_worker()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # warm: the worker is up and has run tasks
+            try:
+                side.round_trip()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        for _ in range(50):
+            side.round_trip()
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            side.round_trip()
+            times.append((time.perf_counter() - start) * 1000)
+        time.sleep(1.0)
+        procs = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+        rss = [p.memory_info().rss / 2**20 for p in procs]
+    finally:
+        stop(worker)
+    times.sort()
+    return (statistics.median(times), times[int(len(times) * 0.99) - 1], rss[0], sum(rss))
+
+
+def run(side: Side, args: argparse.Namespace) -> dict[str, float]:
+    publish = [measure_publish(side, args.tasks) for _ in range(args.runs)]
+    drain = [measure_drain(side, args.tasks) for _ in range(args.runs)]
+    lat = [measure_latency_and_rss(side, args.samples) for _ in range(args.runs)]
+    return {
+        "publish/s": statistics.median(publish),
+        "drain/s": statistics.median(drain),
+        "p50 ms": statistics.median(x[0] for x in lat),
+        "p99 ms": statistics.median(x[1] for x in lat),
+        "rss main MiB": statistics.median(x[2] for x in lat),
+        "rss total MiB": statistics.median(x[3] for x in lat),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per measure (median)")
+    parser.add_argument("--tasks", type=int, default=10_000, help="tasks per publish/drain run")
+    parser.add_argument("--samples", type=int, default=500, help="round trips per latency run")
+    parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument("--compare", choices=["celery", "dramatiq"], action="append", default=[],
+                        help="also measure this system in the same run (repeatable)")
+    args = parser.parse_args()
+    with redis_server(args.redis_url) as url:
+        print(f"redis: {url}, runs: {args.runs}, tasks: {args.tasks}, cpus: {os.cpu_count()}")
+        results = {"flask_tasks": run(Side("flask_tasks", url), args)}
+        for other in args.compare:
+            results[other] = run(Side(other, url), args)
+    names = list(results)
+    ratios = [f"ft/{n}" for n in names[1:]]
+    print(f"\n{'median of ' + str(args.runs) + ' runs':<16}" + "".join(f"{n:>13}" for n in names)
+          + "".join(f"{r:>13}" for r in ratios))
+    for key in results["flask_tasks"]:
+        row = f"{key:<16}" + "".join(f"{results[n][key]:>13.1f}" for n in names)
+        row += "".join(f"{results['flask_tasks'][key] / results[n][key]:>12.2f}x"
+                       for n in names[1:])
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
