@@ -92,7 +92,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TASKS_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", None, (dict,),
             "Options passed to the kombu transport (e.g. ``{'visibility_timeout': 3600}``)."),
     Setting("TASKS_BROKER_POOL_LIMIT", "broker_pool_limit", 10, (int,),
-            "Connections kept in the publishing pool per process."),
+            "Idle broker connections kept for publishing, per process."),
     Setting("TASKS_BROKER_CONNECTION_TIMEOUT", "broker_connection_timeout", 4.0, (int, float),
             "Seconds to wait when connecting to the broker."),
     Setting("TASKS_IMPORTS", "imports", (), (list, tuple),

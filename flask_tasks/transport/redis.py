@@ -137,6 +137,12 @@ class QoS(kombu_redis.QoS):
         self.flush()
         super().restore_unacked(client)
 
+    def restore_unacked_once(self, *args: Any, **kwargs: Any) -> Any:
+        # kombu calls this when the channel closes, but restores (and so would
+        # flush) only if something is still unacked: send the buffered acks first.
+        self.flush()
+        return super().restore_unacked_once(*args, **kwargs)
+
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         self.flush()
         super().restore_visible(*args, **kwargs)
@@ -227,7 +233,13 @@ class Channel(kombu_redis.Channel):
         return payloads
 
 
-class Transport(kombu_redis.Transport):
+class _ShownAsRedis(type):
+    # kombu writes the transport class into URLs it logs ("Connected to ...").
+    def __str__(cls) -> str:
+        return "redis"
+
+
+class Transport(kombu_redis.Transport, metaclass=_ShownAsRedis):
     """kombu's Redis transport with :class:`Channel`; used for ``redis://`` and ``rediss://``."""
 
     Channel = Channel

@@ -333,6 +333,8 @@ class Worker(ConsumerMixin):
         self.pool.begin_shutdown()
         while self.pool.busy() and not self._cold:
             self._complete(self.pool.collect(0.5))
+        if self._flush_acks is not None:
+            self._flush_acks(0.0)
         self.should_stop = True
 
     # -- lifecycle ---------------------------------------------------------------------

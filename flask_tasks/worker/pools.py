@@ -62,6 +62,7 @@ class SoloPool:
         self.runner = runner
         self.limit = 1
         self._done: list[Outcome] = []
+        self._running: int | None = None
 
     def start(self) -> None:
         return None
@@ -73,10 +74,14 @@ class SoloPool:
         return 0
 
     def submit(self, job: Job) -> None:
-        self._done.append(self.runner(job))
+        self._running = job.tag
+        try:
+            self._done.append(self.runner(job))
+        finally:
+            self._running = None
 
     def started(self) -> list[int]:
-        return []  # submit() runs the job: it is started and done before this is asked
+        return [] if self._running is None else [self._running]
 
     def collect(self, timeout: float) -> list[Outcome]:
         done, self._done = self._done, []
@@ -257,9 +262,9 @@ class PreforkPool:
         process = self._ctx.Process(
             target=_child_main, name=f"ForkPoolWorker-{index + 1}",
             args=(index, self._jobs_out, self._jobs_lock, child_conn, self._current,
-                  self._stopping, self.runner,
-                  self.max_tasks_per_child, self.on_child_start,
-                  [c.conn for c in self._children.values()]),
+                  self._stopping, self.runner, self.max_tasks_per_child, self.on_child_start,
+                  # the job pipe's write end too: a child holding it would never see EOF
+                  [self._jobs_in, *(c.conn for c in self._children.values())]),
             daemon=True,
         )
         process.start()
@@ -291,6 +296,7 @@ class PreforkPool:
         return [tag for tag in self._current if tag]
 
     def begin_shutdown(self) -> None:
+        self._running = False  # children that exit now are not replaced
         self._stopping.value = 1
         for _ in self._children:
             self._jobs_in.send(None)  # wakes idle children; queued jobs come back SKIPPED

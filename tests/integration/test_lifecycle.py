@@ -86,3 +86,31 @@ def test_killing_an_idle_child_does_not_stall_the_pool(basic_app: Flask, redis_e
                  timeout=5, message="child gone")
     results = [basic.add.delay(i, i) for i in range(6)]
     assert [r.get(timeout=15) for r in results] == [0, 2, 4, 6, 8, 10]
+
+
+def test_warm_shutdown_sends_every_ack(basic_app: Flask, redis_url: str,
+                                       redis_env: dict[str, str], start_worker) -> None:
+    worker = start_worker(APP, "-c", "2", env=redis_env)
+    late = [basic.slow_late.delay(0.5) for _ in range(2)]
+    wait_for(lambda: all(r.state == states.STARTED for r in late), timeout=10,
+             message="both started")
+    assert worker.stop() == 0
+    assert [r.get(timeout=1) for r in late] == [0.5, 0.5]
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_children_exit_when_the_main_process_is_killed(basic_app: Flask,
+                                                       redis_env: dict[str, str],
+                                                       start_worker) -> None:
+    import os
+
+    import psutil
+
+    worker = start_worker(APP, "-P", "prefork", "-c", "2", env=redis_env)
+    assert basic.add.delay(1, 1).get(timeout=10) == 2
+    children = psutil.Process(worker.proc.pid).children()
+    os.kill(worker.proc.pid, 9)
+    worker.proc.wait(5)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"orphaned children: {alive}"
