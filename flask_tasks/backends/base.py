@@ -90,6 +90,9 @@ class Backend:
     polls = True
     #: True when the backend stores nothing (``disabled``).
     disabled = False
+    #: Set by a prefork pool process: ``store_result(..., defer=True)`` may wait
+    #: for :meth:`flush` (the pool flushes before it reports the jobs).
+    batching = False
 
     def __init__(
         self,
@@ -184,12 +187,26 @@ class Backend:
         traceback: str | None = None,
         request: Any = None,
         extended: bool = False,
+        defer: bool = False,
     ) -> None:
         """Store ``state`` and ``result`` (a value, an exception or a meta dict).
 
+        :param defer: the write may wait for :meth:`flush` when :attr:`batching`
+            is on (the worker uses it for final states only, never for progress).
         :raises EncodeError: ``result`` cannot be encoded; nothing is stored.
         """
-        self._set(task_id, self.make_meta(task_id, result, state, traceback, request, extended))
+        meta = self.make_meta(task_id, result, state, traceback, request, extended)
+        if defer and self.batching:
+            self._defer(task_id, meta)
+        else:
+            self._set(task_id, meta)
+
+    def _defer(self, task_id: str, meta: dict[str, Any]) -> None:
+        """Queue a write for :meth:`flush` (backends that cannot batch write now)."""
+        self._set(task_id, meta)
+
+    def flush(self) -> None:
+        """Write what :meth:`store_result` deferred, in as few round trips as possible."""
 
     def get_task_meta(self, task_id: str) -> dict[str, Any]:
         """Return the stored meta, or a PENDING meta for an unknown id."""

@@ -38,6 +38,7 @@ class RedisBackend(Backend):
         self.url = url
         self._client: redis.Redis | None = None
         self._pid = os.getpid()
+        self._pending: list[tuple[Any, ...]] = []
 
     @property
     def client(self) -> redis.Redis:
@@ -47,14 +48,26 @@ class RedisBackend(Backend):
             self._pid = os.getpid()
         return self._client
 
-    def _set(self, task_id: str, meta: dict[str, Any]) -> None:
+    def _commands(self, task_id: str, meta: dict[str, Any]) -> list[tuple[Any, ...]]:
         key = KEY_PREFIX + task_id
         value = self.encode(meta)
         if self.expires:
             store: tuple[Any, ...] = ("SET", key, value, "EX", max(1, int(self.expires)))
         else:
             store = ("SET", key, value)
-        execute(self.client, store, ("PUBLISH", key, value))
+        return [store, ("PUBLISH", key, value)]
+
+    def _set(self, task_id: str, meta: dict[str, Any]) -> None:
+        execute(self.client, *self._commands(task_id, meta))
+
+    def _defer(self, task_id: str, meta: dict[str, Any]) -> None:
+        self._pending.extend(self._commands(task_id, meta))
+
+    def flush(self) -> None:
+        """Store every deferred result in one round trip."""
+        if self._pending:
+            commands, self._pending = self._pending, []
+            execute(self.client, *commands)
 
     def _get(self, task_id: str) -> dict[str, Any] | None:
         data = self.client.get(KEY_PREFIX + task_id)
@@ -109,6 +122,7 @@ class RedisBackend(Backend):
 
     def reset_after_fork(self) -> None:
         self._client = None
+        self._pending = []
 
     def close(self) -> None:
         if self._client is not None and self._pid == os.getpid():

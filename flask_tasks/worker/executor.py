@@ -104,7 +104,7 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                 retval = task.run(*args, **kwargs)
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
-                                         extended=extended)
+                                         extended=extended, defer=True)
                 if request.is_eager:  # what a caller would get back from a worker
                     retval = backend.decode(backend.encode(retval))
             except Ignore:
@@ -142,7 +142,7 @@ def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: Excepti
     if store:
         try:
             state.backend.store_result(request.id, exc, states.FAILURE, text, request=request,
-                                       extended=state.config.result_extended)
+                                       extended=state.config.result_extended, defer=True)
         except Exception:
             logger.exception("Could not store the failure of task %s[%s]", task.name, request.id)
     _call_handler(task, "on_failure", exc, request.id, request.args, request.kwargs, text)

@@ -108,6 +108,7 @@ class Worker(ConsumerMixin):
         self.pool = POOLS[self.pool_name](
             self._run_job, limit=self.concurrency,
             max_tasks_per_child=self.max_tasks_per_child, on_child_start=self._child_init,
+            flush=self.state.backend.flush,
             depth=max(self.prefetch_count, 2 * self.concurrency) if self.prefetch_count
             else 4 * self.concurrency)
         # A prefork pool queues jobs ahead of its processes: early-ack messages are
@@ -121,6 +122,7 @@ class Worker(ConsumerMixin):
         self._cold = False
         self._last_cleanup = time.monotonic()
         self._flush_acks: Any = None
+        self._can_consume: Any = None
         self.exit_code = EX_OK
 
     # -- running a job (inside the pool) ---------------------------------------------
@@ -128,7 +130,11 @@ class Worker(ConsumerMixin):
         return execute(self.app, self.state, job, hostname=self.hostname)
 
     def _child_init(self) -> None:
-        """In a new prefork child: drop the parent's database connections, tell receivers."""
+        """In a new prefork child: drop the parent's database connections, tell receivers.
+
+        Final results may wait for the pool's flush (one round trip per batch).
+        """
+        self.state.backend.batching = True
         db = self.app.extensions.get("sqlalchemy")
         if db is not None:
             try:
@@ -166,6 +172,10 @@ class Worker(ConsumerMixin):
         if hasattr(channel, "renew_leases"):
             self._keep_leases(channel)
         self._flush_acks = getattr(channel, "flush_acks", None)
+        # kombu's emulated QoS (Redis, embedded): while it is full, draining
+        # events only sleeps; the pool is what to wait on then.
+        qos = getattr(channel, "qos", None)
+        self._can_consume = getattr(qos, "can_consume", None)
         if not getattr(self, "_ready_sent", False):
             self._ready_sent = True
             logger.info("%s ready.", self.hostname)
@@ -302,8 +312,13 @@ class Worker(ConsumerMixin):
         self._complete(self.pool.collect(0))
         self._dispatch()
         self._ack_started()
-        while self._buffer and self.pool.free() == 0 and not self._warm:
-            self._complete(self.pool.collect(0.5))
+        # Wait on the pool, not the broker, while nothing more can be taken:
+        # the pool is full with messages waiting, or the prefetch limit is
+        # reached (acknowledging started jobs frees it).
+        while not self._warm and self.pool.busy() and (
+                (self._buffer and self.pool.free() == 0)
+                or (self._can_consume is not None and not self._can_consume())):
+            self._complete(self.pool.collect(0.05))
             self._dispatch()
         if self._flush_acks is not None:
             self._flush_acks()

@@ -26,6 +26,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -165,23 +166,60 @@ class _Child:
         self.conn = conn
 
 
-def _take(jobs: Connection, lock: Any) -> Job | None:
-    """Take the next job from the shared queue.
+#: A prefork child reports (and stores the final results of) at most this many
+#: jobs at once, and holds a finished job's report at most this many seconds.
+BATCH_MAX = 64
+BATCH_WINDOW = 0.002
+
+_NOTHING: Any = object()
+
+
+def _take(jobs: Connection, lock: Any, block: bool) -> Any:
+    """Take the next job from the shared queue (``_NOTHING`` if none and not ``block``).
 
     Waits for data *without* the lock and holds it only while reading a
     message that is already there: a child killed while idle (the usual
     case for ``kill``) never leaves the lock taken and the pool stalled.
     """
     while True:
-        jobs.poll(None)
+        if not jobs.poll(None if block else 0):
+            return _NOTHING
         with lock:
             if jobs.poll(0):
-                return jobs.recv()  # type: ignore[no-any-return]
+                return jobs.recv()
+        if not block:
+            return _NOTHING
 
 
-def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, current: Any,
-                stopping: Any, runner: Runner, max_tasks: int | None,
-                on_start: Callable[[], None] | None, inherited: list[Connection]) -> None:
+class _Slots:
+    """Shared memory: per child, the tags of the jobs it started and has not reported.
+
+    The main process reads them to acknowledge started jobs and to know
+    which jobs a child that died took with it.
+    """
+
+    def __init__(self, ctx: Any, children: int) -> None:
+        self.per = BATCH_MAX + 1
+        self.tags = ctx.Array("q", children * self.per, lock=False)
+        self.counts = ctx.Array("i", children, lock=False)
+
+    def add(self, index: int, tag: int) -> None:
+        count = self.counts[index]
+        self.tags[index * self.per + count] = tag  # the tag first, then the count
+        self.counts[index] = count + 1
+
+    def clear(self, index: int) -> None:
+        self.counts[index] = 0
+
+    def of(self, index: int) -> list[int]:
+        base = index * self.per
+        return list(self.tags[base:base + self.counts[index]])
+
+
+def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, slots: _Slots,
+                stopping: Any, runner: Runner, flush: Callable[[], None] | None,
+                max_tasks: int | None, on_start: Callable[[], None] | None,
+                inherited: list[Connection]) -> None:
     # Signals are for the main process, which decides warm or cold shutdown
     # (a terminal's Ctrl-C and systemd's stop reach every process of the group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -190,18 +228,39 @@ def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, curre
         other.close()
     if on_start is not None:
         on_start()
+    reports: list[tuple[Any, ...]] = []
+    first = 0.0
+
+    def report() -> None:
+        # Results first (one round trip for the batch), then tell the main process.
+        if flush is not None:
+            try:
+                flush()
+            except Exception:
+                logger.exception("Storing the results of %d task(s) failed", len(reports))
+        conn.send(reports)
+        slots.clear(index)
+        reports.clear()
+
     done = 0
     while True:
         try:
-            job = _take(jobs, lock)
+            # Block only with nothing to report: a job that is already queued
+            # joins the batch, otherwise the batch is reported now.
+            job = _take(jobs, lock, block=not reports)
         except (EOFError, OSError):
             break
+        if job is _NOTHING:
+            report()
+            continue
         if job is None:
             break
         if stopping.value:  # warm shutdown: hand queued jobs back unstarted
-            conn.send((job.tag, "SKIPPED", SKIP, None, 0.0, False))
+            reports.append((job.tag, "SKIPPED", SKIP, None, 0.0, False))
             continue
-        current[index] = job.tag  # the main process acks started jobs, and knows the lost one
+        if not reports:
+            first = time.monotonic()
+        slots.add(index, job.tag)
         try:
             outcome = runner(job)
         except BaseException as exc:
@@ -210,11 +269,14 @@ def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, curre
         done += 1
         retiring = bool(max_tasks and done >= max_tasks)
         # Exceptions and return values stay here: they may not pickle.
-        conn.send((outcome.tag, outcome.state, outcome.action, outcome.reason, outcome.runtime,
-                   retiring))
-        current[index] = 0
+        reports.append((outcome.tag, outcome.state, outcome.action, outcome.reason,
+                        outcome.runtime, retiring))
+        if retiring or len(reports) >= BATCH_MAX or time.monotonic() - first >= BATCH_WINDOW:
+            report()
         if retiring:
             break
+    if reports:
+        report()
     conn.close()
     os._exit(0)  # skip atexit handlers inherited from the parent
 
@@ -225,30 +287,36 @@ class PreforkPool:
     Jobs go through one shared queue that holds up to ``depth`` jobs, so a
     child that finishes takes the next job at once (no round trip through the
     main process), and no job waits behind a long task while another child
-    is free. Each child writes the tag of the job it runs into a shared slot:
-    the main process acknowledges early-ack jobs when they start (as Celery
-    does when a pool process accepts a job) and knows the job of a child that
-    dies. Each child reports outcomes on its own pipe.
+    is free. Each child writes the tags of the jobs it starts into shared
+    slots: the main process acknowledges early-ack jobs when they start (as
+    Celery does when a pool process accepts a job) and knows the jobs of a
+    child that dies. Each child reports outcomes on its own pipe; when jobs
+    come back to back it reports them (and ``flush``-es their stored results)
+    together, at most :data:`BATCH_MAX` jobs or :data:`BATCH_WINDOW` seconds
+    at a time.
 
     :param runner: called in the child for each job.
     :param depth: jobs submitted and not finished, at most (default ``2 * limit``).
+    :param flush: called in the child before it reports a batch (stores the
+        results the backend deferred).
     :param max_tasks_per_child: replace a child after this many jobs.
     :param on_child_start: called in each new child before it takes jobs.
     """
 
     def __init__(self, runner: Runner, limit: int, max_tasks_per_child: int | None = None,
                  on_child_start: Callable[[], None] | None = None, depth: int | None = None,
-                 **_: Any) -> None:
+                 flush: Callable[[], None] | None = None, **_: Any) -> None:
         self.runner = runner
         self.limit = limit
         self.depth = max(depth or 2 * limit, limit)
         self.max_tasks_per_child = max_tasks_per_child
         self.on_child_start = on_child_start
+        self.flush = flush
         self._ctx = multiprocessing.get_context("fork")
         # One writer (the main process), several readers (children).
         self._jobs_out, self._jobs_in = self._ctx.Pipe(duplex=False)
         self._jobs_lock = self._ctx.Lock()
-        self._current = self._ctx.Array("q", limit, lock=False)
+        self._slots = _Slots(self._ctx, limit)
         self._stopping = self._ctx.Value("b", 0, lock=False)
         self._children: dict[int, _Child] = {}
         self._by_conn: dict[Any, _Child] = {}
@@ -258,11 +326,12 @@ class PreforkPool:
 
     def _spawn(self, index: int) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=False)
-        self._current[index] = 0
+        self._slots.clear(index)
         process = self._ctx.Process(
             target=_child_main, name=f"ForkPoolWorker-{index + 1}",
-            args=(index, self._jobs_out, self._jobs_lock, child_conn, self._current,
-                  self._stopping, self.runner, self.max_tasks_per_child, self.on_child_start,
+            args=(index, self._jobs_out, self._jobs_lock, child_conn, self._slots,
+                  self._stopping, self.runner, self.flush, self.max_tasks_per_child,
+                  self.on_child_start,
                   # the job pipe's write end too: a child holding it would never see EOF
                   [self._jobs_in, *(c.conn for c in self._children.values())]),
             daemon=True,
@@ -293,7 +362,7 @@ class PreforkPool:
         self._jobs_in.send(job)
 
     def started(self) -> list[int]:
-        return [tag for tag in self._current if tag]
+        return [tag for index in self._children for tag in self._slots.of(index)]
 
     def begin_shutdown(self) -> None:
         self._running = False  # children that exit now are not replaced
@@ -313,12 +382,12 @@ class PreforkPool:
                 continue
             try:
                 while True:  # everything this child has reported so far
-                    tag, state, action, reason, runtime, retiring = child.conn.recv()
-                    self._outstanding.discard(tag)
-                    done.append(Outcome(tag=tag, state=state, action=action, reason=reason,
-                                        runtime=runtime))
-                    if retiring:
-                        dead.append(child)
+                    for tag, state, action, reason, runtime, retiring in child.conn.recv():
+                        self._outstanding.discard(tag)
+                        done.append(Outcome(tag=tag, state=state, action=action,
+                                            reason=reason, runtime=runtime))
+                        if retiring:
+                            dead.append(child)
                     if not child.conn.poll():
                         break
             except (EOFError, OSError):
@@ -332,24 +401,26 @@ class PreforkPool:
         code = child.process.exitcode
         while child.conn.poll():  # outcomes sent just before it exited
             try:
-                tag, state, action, reason, runtime, _ = child.conn.recv()
+                reports = child.conn.recv()
             except (EOFError, OSError):
                 break
-            self._outstanding.discard(tag)
+            for report in reports:
+                self._outstanding.discard(report[0])
         del self._children[child.index]
         self._by_conn.pop(child.conn, None)
         self._by_sentinel.pop(child.process.sentinel, None)
         child.conn.close()
         lost: list[Outcome] = []
-        tag = self._current[child.index]
-        if tag and tag in self._outstanding:
-            self._outstanding.discard(tag)
-            reason = (f"Worker process {child.process.pid} exited with code {code} "
-                      f"(signal {-code})" if code is not None and code < 0 else
-                      f"Worker process {child.process.pid} exited with code {code}")
-            logger.error("Process %s died while running a task: %s", child.process.name, reason)
-            lost.append(Outcome(tag=tag, state="FAILURE", action=LOST, reason=reason))
-        elif code not in (0, None):
+        reason = (f"Worker process {child.process.pid} exited with code {code} "
+                  f"(signal {-code})" if code is not None and code < 0 else
+                  f"Worker process {child.process.pid} exited with code {code}")
+        for tag in self._slots.of(child.index):  # started, never reported
+            if tag in self._outstanding:
+                self._outstanding.discard(tag)
+                logger.error("Process %s died while running a task: %s", child.process.name,
+                             reason)
+                lost.append(Outcome(tag=tag, state="FAILURE", action=LOST, reason=reason))
+        if not lost and code not in (0, None):
             logger.warning("Process %s exited with code %s; replacing it",
                            child.process.name, code)
         if self._running:

@@ -48,6 +48,13 @@ def progress(self, steps: int) -> dict:
     return {"steps": steps, "id": self.request.id}
 
 
+@tasks.task(bind=True)
+def progress_then_wait(self, seconds: float) -> str:
+    self.update_state(state="PROGRESS", meta={"done": 1, "total": 2})
+    time.sleep(seconds)
+    return "done"
+
+
 @tasks.task
 def app_info() -> dict:
     g.touched = True

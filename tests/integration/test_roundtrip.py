@@ -110,3 +110,14 @@ def test_embedded_round_trip(embedded_app: Flask, start_worker, pool: str) -> No
     assert progress.get(timeout=10, interval=0.05)["steps"] == 2
     with pytest.raises(ValueError):
         basic.fail.delay("embedded").get(timeout=10, interval=0.05)
+
+
+def test_progress_is_visible_while_a_prefork_task_runs(basic_app: Flask, redis_url: str,
+                                                       start_worker) -> None:
+    from tests.helpers import wait_for
+
+    start_worker(APP, "-P", "prefork", "-c", "2", env=worker_env(redis_url))
+    result = basic.progress_then_wait.delay(3.0)
+    wait_for(lambda: result.state == "PROGRESS", timeout=2.5, message="PROGRESS while running")
+    assert result.info == {"done": 1, "total": 2}
+    assert result.get(timeout=10) == "done"
