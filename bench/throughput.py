@@ -84,7 +84,7 @@ def redis_server(url: str | None) -> Iterator[str]:
 class Side:
     """One system under test: send a no-op, find its result, start a worker."""
 
-    def __init__(self, name: str, url: str) -> None:
+    def __init__(self, name: str, url: str, extra_args: list[str] | None = None) -> None:
         self.name = name
         self.url = url
         self.env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
@@ -97,7 +97,8 @@ class Side:
             self.send: Callable[[], Any] = noop.delay
             self.queue_key = "celery"
             self.worker_cmd = [sys.executable, "-m", "flask", "--app", "bench.benchapp", "tasks",
-                               "worker", "-c", "2", "-P", "prefork", "-l", "WARNING"]
+                               "worker", "-c", "2", "-P", "prefork", "-l", "WARNING",
+                               *(extra_args or [])]
         elif name == "celery":
             from bench.celery_app import noop as celery_noop
 
@@ -200,18 +201,22 @@ def measure_latency_and_rss(side: Side, samples: int) -> tuple[float, float, flo
     return (statistics.median(times), times[int(len(times) * 0.99) - 1], rss[0], sum(rss))
 
 
-def run(side: Side, args: argparse.Namespace) -> dict[str, float]:
-    publish = [measure_publish(side, args.tasks) for _ in range(args.runs)]
-    drain = [measure_drain(side, args.tasks) for _ in range(args.runs)]
-    lat = [measure_latency_and_rss(side, args.samples) for _ in range(args.runs)]
-    return {
-        "publish/s": statistics.median(publish),
-        "drain/s": statistics.median(drain),
-        "p50 ms": statistics.median(x[0] for x in lat),
-        "p99 ms": statistics.median(x[1] for x in lat),
-        "rss main MiB": statistics.median(x[2] for x in lat),
-        "rss total MiB": statistics.median(x[3] for x in lat),
-    }
+def run_all(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Each run measures every system in turn, so drift of the machine hits all alike."""
+    raw: dict[str, dict[str, list[float]]] = {n: {} for n in sides}
+    for number in range(args.runs):
+        for name, side in sides.items():
+            lat = measure_latency_and_rss(side, args.samples)
+            row = {"publish/s": measure_publish(side, args.tasks),
+                   "drain/s": measure_drain(side, args.tasks),
+                   "p50 ms": lat[0], "p99 ms": lat[1], "rss main MiB": lat[2],
+                   "rss total MiB": lat[3]}
+            for key, value in row.items():
+                raw[name].setdefault(key, []).append(value)
+            print(f"run {number + 1} {name:<13}" + "  ".join(f"{k} {v:.1f}" for k, v in row.items()),
+                  flush=True)
+    return {name: {key: statistics.median(values) for key, values in rows.items()}
+            for name, rows in raw.items()}
 
 
 def main() -> None:
@@ -222,16 +227,23 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     parser.add_argument("--compare", choices=["celery", "dramatiq"], action="append", default=[],
                         help="also measure this system in the same run (repeatable)")
+    parser.add_argument("--also", default=None, metavar="ARGS",
+                        help="also measure flask_tasks with these extra worker arguments, "
+                             "e.g. --also='--prefetch-multiplier 16'")
     args = parser.parse_args()
     with redis_server(args.redis_url) as url:
         print(f"redis: {url}, runs: {args.runs}, tasks: {args.tasks}, cpus: {os.cpu_count()}")
-        results = {"flask_tasks": run(Side("flask_tasks", url), args)}
+        sides = {"flask_tasks": Side("flask_tasks", url)}
+        if args.also:
+            sides["ft " + args.also.replace("--prefetch-multiplier", "-m")] = Side(
+                "flask_tasks", url, args.also.split())
         for other in args.compare:
-            results[other] = run(Side(other, url), args)
+            sides[other] = Side(other, url)
+        results = run_all(sides, args)
     names = list(results)
     ratios = [f"ft/{n}" for n in names[1:]]
-    print(f"\n{'median of ' + str(args.runs) + ' runs':<16}" + "".join(f"{n:>13}" for n in names)
-          + "".join(f"{r:>13}" for r in ratios))
+    print(f"\n{'median of ' + str(args.runs) + ' runs':<16}" + "".join(f"{n[:12]:>13}" for n in names)
+          + "".join(f"{r[:12]:>13}" for r in ratios))
     for key in results["flask_tasks"]:
         row = f"{key:<16}" + "".join(f"{results[n][key]:>13.1f}" for n in names)
         row += "".join(f"{results['flask_tasks'][key] / results[n][key]:>12.2f}x"

@@ -36,6 +36,46 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1:<free port>, without persistence.
+
+    :param binary: the ``redis-server`` executable.
+    :param workdir: its working folder.
+    """
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(workdir)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
+        except redis.ConnectionError:
+            return False
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(self._answers, timeout=10, message="redis-server to answer PING")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (empty: nothing is saved)."""
+        self.stop()
+        self.start()
+
+
 class WorkerProcess:
     """``flask --app APP tasks worker ...`` as a real subprocess, its output captured.
 

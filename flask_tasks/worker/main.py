@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerMixin
 
 from .. import states
-from ..exceptions import WorkerLostError
+from ..exceptions import NotRegistered, WorkerLostError
 from ..extension import AppState, Tasks
 from ..protocol import check_headers
 from ..publisher import broker_connection, mask_url
@@ -109,6 +110,7 @@ class Worker(ConsumerMixin):
             self._run_job, limit=self.concurrency,
             max_tasks_per_child=self.max_tasks_per_child, on_child_start=self._child_init,
             flush=self.state.backend.flush,
+            # jobs queued ahead of the processes: the prefetch (at least two per process)
             depth=max(self.prefetch_count, 2 * self.concurrency) if self.prefetch_count
             else 4 * self.concurrency)
         # A prefork pool queues jobs ahead of its processes: early-ack messages are
@@ -121,8 +123,9 @@ class Worker(ConsumerMixin):
         self._warm = False
         self._cold = False
         self._last_cleanup = time.monotonic()
-        self._flush_acks: Any = None
-        self._can_consume: Any = None
+        # Hooks of kombu's emulated QoS (Redis, embedded), found on connect.
+        self._flush_acks: Callable[..., None] | None = None
+        self._can_consume: Callable[[], bool] | None = None
         self.exit_code = EX_OK
 
     # -- running a job (inside the pool) ---------------------------------------------
@@ -220,8 +223,6 @@ class Worker(ConsumerMixin):
         if task is None:
             text = unknown_task_message(name, len(self.state.task_names()))
             logger.error("Rejected task %s[%s]: %s", name, task_id, text)
-            from ..exceptions import NotRegistered
-
             try:
                 self.state.backend.store_result(task_id, NotRegistered(text), states.FAILURE,
                                                 text)
@@ -230,8 +231,8 @@ class Worker(ConsumerMixin):
             message.reject(requeue=False)
             return
         logger.info("Task %s[%s] received", name, task_id)
-        acks_late = task.acks_late if task.acks_late is not None else self.state.config.acks_late
         config = self.state.config
+        acks_late = task.acks_late if task.acks_late is not None else config.acks_late
         track = task.track_started if task.track_started is not None else config.track_started
         ignore = task.ignore_result if task.ignore_result is not None else config.ignore_result
         if track and not (ignore or message.headers.get("ignore_result")) \

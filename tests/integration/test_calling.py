@@ -93,27 +93,14 @@ def test_received_then_started_with_track_started(basic_app: Flask, redis_env: d
 
 def test_publish_survives_a_broker_restart(tmp_path) -> None:
     import shutil
-    import subprocess
 
-    from tests.helpers import free_port
+    from tests.helpers import RedisServer
 
-    port = free_port()
-    cmd = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-           "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    server = RedisServer(shutil.which("redis-server") or "redis-server", tmp_path).start()
     try:
-        wait_for(up, timeout=10, message="redis up")
+        client = redis.Redis.from_url(server.url)
         app = Flask("restart", instance_path=str(tmp_path))
-        app.config.update(BROKER_URL=url, RESULT_BACKEND="disabled")
+        app.config.update(BROKER_URL=server.url + "/0", RESULT_BACKEND="disabled")
         tasks = Tasks(app)
 
         @tasks.task(name="restart.noop")
@@ -122,12 +109,8 @@ def test_publish_survives_a_broker_restart(tmp_path) -> None:
         with app.app_context():
             noop.delay()
             assert client.llen("celery") == 1
-            server.terminate()
-            server.wait(10)
-            server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)  # empty: --save ''
-            wait_for(up, timeout=10, message="redis up again")
+            server.restart()  # empty again
             noop.delay()  # the pooled connection is dead: reconnect and retry
             assert client.llen("celery") == 1
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
