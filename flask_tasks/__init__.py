@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from . import exceptions, signals, states
-from .extension import AppState, Tasks, shared_task
+from .extension import Tasks, shared_task
+from .state import AppState
 from .result import AsyncResult, EagerResult
 from .task import Task
 

@@ -22,7 +22,8 @@ from .protocol import Request
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
-    from .extension import AppState, Tasks
+    from .extension import Tasks
+    from .state import AppState
 
 P = ParamSpec("P")
 R = TypeVar("R")

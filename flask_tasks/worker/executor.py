@@ -30,7 +30,7 @@ from ..signals import (
 from ..task import Task, current_request
 
 if TYPE_CHECKING:
-    from ..extension import AppState
+    from ..state import AppState
 
 logger = logging.getLogger("flask_tasks.worker")
 

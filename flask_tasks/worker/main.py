@@ -33,7 +33,8 @@ from kombu.mixins import ConsumerMixin
 
 from .. import states
 from ..exceptions import NotRegistered, WorkerLostError
-from ..extension import AppState, Tasks
+from ..extension import Tasks
+from ..state import AppState
 from ..protocol import check_headers
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
