@@ -192,6 +192,18 @@ def accept_set(names: Sequence[str]) -> set[str]:
     return set(prepare_accept_content(list(names)))
 
 
+def envelope_eta(envelope: Mapping[str, Any]) -> float | None:
+    """The ``eta`` header of a kombu message envelope as a UNIX time, or None."""
+    headers = envelope.get("headers") or {}
+    value = headers.get("eta") if isinstance(headers, Mapping) else None
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        return parse_datetime(value).timestamp()  # type: ignore[union-attr]
+    except ValueError:
+        return None
+
+
 def check_headers(headers: Mapping[str, Any] | None) -> tuple[str, str]:
     """Return ``(task name, task id)`` from protocol-2 headers.
 

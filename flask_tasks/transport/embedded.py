@@ -64,6 +64,8 @@ import kombu.transport
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
+from ..protocol import envelope_eta
+
 logger = logging.getLogger("flask_tasks.transport.embedded")
 
 SCHEME = "embedded"
@@ -268,9 +270,13 @@ class Channel(virtual.Channel):
     # -- messages and leases ---------------------------------------------
 
     def _put(self, queue: str, message: dict[str, t.Any], **kwargs: t.Any) -> None:
-        sql = "INSERT INTO messages (queue, priority, payload) VALUES (?, ?, ?)"
+        # A message with a future ``eta`` header is stored leased by nobody
+        # until then: no consumer can claim it before it is due.
+        sql = "INSERT INTO messages (queue, priority, payload, lease_until) VALUES (?, ?, ?, ?)"
         priority = self._get_message_priority(message)
-        self._execute(sql, (queue, priority, dumps(message)))
+        eta = envelope_eta(message)
+        not_before = eta if eta is not None and eta > time.time() else None
+        self._execute(sql, (queue, priority, dumps(message), not_before))
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, t.Any]:
         return self._claim(queue, no_ack=queue in self._noack_queues)

@@ -14,7 +14,15 @@ Redis interoperate and kombu's recovery works unchanged. Three changes:
    two round trips instead of 2·N, and a message is never popped without
    being recorded (except the ``BRPOP``-ed one, for the same instant as in
    kombu).
-3. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
+3. **Delayed messages wait on the broker.** A message whose ``eta`` header is
+   in the future goes into a sorted set next to its queue list (key
+   ``<list key>\x06\x16eta``, score = the eta), not into the list; workers
+   move due messages into the list with :meth:`Channel.move_due` (one atomic
+   script call for all their queues, a few times a second). Nothing waits
+   in a worker's memory, a worker restart loses nothing, and each message
+   is moved once however many workers run. (A Celery worker alone never
+   moves them: run at least one flask_tasks worker for delayed tasks.)
+4. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
    along with the next reservation (same round trip), or are flushed in one
    pipeline before a ``BRPOP`` that is likely to block, when they are older
    than :data:`ACK_MAX_AGE` seconds, and before any reject, restore or close.
@@ -36,6 +44,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from .._redis import Script, execute
+from ..protocol import envelope_eta
 
 #: KEYS: the queue's list keys in priority order, then the unacked hash and
 #: index. ARGV: how many more to pop, the time, the BRPOP-ed message, then
@@ -75,6 +84,26 @@ return out
 """
 
 _reserve = Script(RESERVE)
+
+#: KEYS: pairs of (sorted set, list). ARGV: the time, the most to move per set.
+#: Moves due members from each set to the head of its list (they run first,
+#: as their time has come); returns how many were moved.
+MOVE_DUE = """
+local now, limit, moved = ARGV[1], tonumber(ARGV[2]), 0
+for i = 1, #KEYS, 2 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, limit)
+  for _, member in ipairs(due) do
+    redis.call('ZREM', KEYS[i], member)
+    redis.call('RPUSH', KEYS[i + 1], member)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+_move_due = Script(MOVE_DUE)
+
+#: Suffix of the sorted set that holds a queue list's delayed messages.
+ETA_SUFFIX = "eta"
 
 #: Most messages reserved in one round trip.
 MAX_BATCH = 100
@@ -172,8 +201,34 @@ class Channel(kombu_redis.Channel):
             super()._put(queue, message, **kwargs)  # kombu's batch and queue-expiry paths
             return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        eta = envelope_eta(message)
         with self.conn_or_acquire() as client:
-            execute(client, ("LPUSH", key, dumps(message)))
+            if eta is not None and eta > time.time():
+                execute(client, ("ZADD", key + self.sep + ETA_SUFFIX, eta, dumps(message)))
+            else:
+                execute(client, ("LPUSH", key, dumps(message)))
+
+    def schedule(self, envelope: dict[str, Any], queue: str) -> None:
+        """Put a message that arrived before its ``eta`` back on the broker, delayed.
+
+        The worker then acknowledges the delivered copy.
+        """
+        self._put(queue, envelope)
+
+    def move_due(self, queues: list[str], limit: int = 1000) -> int:
+        """Move delayed messages whose time has come into their queues.
+
+        :param queues: queue names (every priority list of each is checked).
+        :param limit: most messages moved per list in this call.
+        :returns: how many were moved.
+        """
+        keys: list[str] = []
+        for queue in queues:
+            for pri in self.priority_steps:
+                key = self._q_for_pri(queue, pri)
+                keys += [key + self.sep + ETA_SUFFIX, key]
+        with self.conn_or_acquire() as client:
+            return int(_move_due(client, keys, [time.time(), limit]))
 
     def flush_acks(self, max_age: float = ACK_MAX_AGE) -> None:
         """Send buffered acknowledgements older than ``max_age`` seconds (each loop turn)."""

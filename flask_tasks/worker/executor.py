@@ -12,12 +12,20 @@ import socket
 import time
 import traceback as tb_module
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
 from .. import states
-from ..exceptions import DecodeError, EncodeError, Ignore, NotRegistered, Reject
+from ..exceptions import (
+    DecodeError,
+    EncodeError,
+    Ignore,
+    NotRegistered,
+    Reject,
+    TaskRevokedError,
+)
 from ..protocol import Request, parse
 from ..registry import unknown_task_message
 from ..signals import (
@@ -25,6 +33,7 @@ from ..signals import (
     task_failure,
     task_postrun,
     task_prerun,
+    task_revoked,
     task_success,
 )
 from ..task import Task, current_request
@@ -178,9 +187,26 @@ def execute(app: Flask, state: AppState, job: Job, hostname: str | None = None) 
         _store_failure(state, request.id, error)
         return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, exc=error,
                        reason=f"Rejected task {request.task}[{request.id}]: {error}")
+    if request.expires is not None and request.expires < datetime.now(timezone.utc):
+        return _expired(state, task, request, job.tag)
     outcome = run_task(app, state, task, request, hostname=hostname)
     outcome.tag = job.tag
     return outcome
+
+
+def _expired(state: AppState, task: Task[Any, Any], request: Request, tag: int) -> Outcome:
+    """A task past its ``expires``: not run, REVOKED, ``task_revoked(expired=True)``."""
+    exc = TaskRevokedError(f"Task {task.name}[{request.id}] expired at "
+                           f"{request.expires.isoformat() if request.expires else '?'}: not run.")
+    logger.warning("%s", exc)
+    ignore = task.ignore_result if task.ignore_result is not None else state.config.ignore_result
+    if not (ignore or request.ignore_result or state.backend.disabled):
+        try:
+            state.backend.store_result(request.id, exc, states.REVOKED, str(exc), request=request)
+        except Exception:
+            logger.exception("Could not store the revocation of %s", request.id)
+    send_robust(task_revoked, task, request=request, terminated=False, signum=None, expired=True)
+    return Outcome(tag=tag, state=states.REVOKED, exc=exc, action=ACK, reason=str(exc))
 
 
 def _store_failure(state: AppState, task_id: str, exc: BaseException) -> None:

@@ -34,8 +34,7 @@ from kombu.mixins import ConsumerMixin
 from .. import states
 from ..exceptions import NotRegistered, WorkerLostError
 from ..extension import Tasks
-from ..state import AppState
-from ..protocol import check_headers
+from ..protocol import check_headers, parse_datetime
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
 from ..signals import (
@@ -45,6 +44,7 @@ from ..signals import (
     worker_ready,
     worker_shutdown,
 )
+from ..state import AppState
 from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, execute
 from .pools import LOST, POOLS, PreforkPool
 
@@ -56,6 +56,8 @@ EX_FAILURE = 1
 EX_COLD = 2
 
 CLEANUP_INTERVAL = 3600.0
+#: Seconds between moves of due delayed messages into their queues.
+MOVE_INTERVAL = 0.2
 
 
 @dataclass
@@ -127,6 +129,9 @@ class Worker(ConsumerMixin):
         # Hooks of kombu's emulated QoS (Redis, embedded), found on connect.
         self._flush_acks: Callable[..., None] | None = None
         self._can_consume: Callable[[], bool] | None = None
+        self._move_due: Callable[[list[str]], int] | None = None
+        self._schedule: Callable[[dict[str, Any], str], None] | None = None
+        self._last_move = 0.0
         self.exit_code = EX_OK
 
     # -- running a job (inside the pool) ---------------------------------------------
@@ -176,6 +181,9 @@ class Worker(ConsumerMixin):
         if hasattr(channel, "renew_leases"):
             self._keep_leases(channel)
         self._flush_acks = getattr(channel, "flush_acks", None)
+        # Brokers that keep delayed messages themselves (flask_tasks' Redis).
+        self._move_due = getattr(channel, "move_due", None)
+        self._schedule = getattr(channel, "schedule", None)
         # kombu's emulated QoS (Redis, embedded): while it is full, draining
         # events only sleeps; the pool is what to wait on then.
         qos = getattr(channel, "qos", None)
@@ -231,6 +239,8 @@ class Worker(ConsumerMixin):
                 logger.exception("Could not store the failure of %s", task_id)
             message.reject(requeue=False)
             return
+        if self._delay(message, name, task_id):
+            return
         logger.info("Task %s[%s] received", name, task_id)
         config = self.state.config
         acks_late = task.acks_late if task.acks_late is not None else config.acks_late
@@ -242,6 +252,31 @@ class Worker(ConsumerMixin):
         send_robust(task_received, self, request=message.headers)
         self._buffer.append((next(self._tags), message, acks_late))
         self._dispatch()
+
+    def _delay(self, message: Message, name: str, task_id: str) -> bool:
+        """Send a message that came before its ``eta`` back to the broker's delayed store.
+
+        :returns: True if it went back (and was acknowledged here).
+        """
+        eta = parse_datetime(message.headers.get("eta"))
+        if eta is None or eta.timestamp() <= time.time() + 0.05:
+            return False
+        if self._schedule is None:
+            if not getattr(self, "_warned_eta", False):
+                self._warned_eta = True
+                logger.warning("This broker keeps no delayed messages: tasks with an eta or "
+                               "countdown run as soon as they arrive (Redis and the embedded "
+                               "broker wait for the eta).")
+            return False
+        raw = getattr(message, "_raw", None)
+        queue = message.delivery_info.get("routing_key") or self.queues[0]
+        if not isinstance(raw, dict):
+            return False
+        self._schedule(raw, queue)
+        self._settle(message, ACK)
+        logger.info("Task %s[%s] is due at %s: kept on the broker until then",
+                    name, task_id, eta.isoformat())
+        return True
 
     # -- dispatch and completion -------------------------------------------------------
     def _dispatch(self) -> None:
@@ -326,9 +361,24 @@ class Worker(ConsumerMixin):
             self._flush_acks()
         if self._warm:
             self._drain_for_shutdown()
-        elif time.monotonic() - self._last_cleanup > CLEANUP_INTERVAL:
-            self._last_cleanup = time.monotonic()
+            return
+        now = time.monotonic()
+        if self._move_due is not None and now - self._last_move > MOVE_INTERVAL:
+            self._last_move = now
+            self._move_due_messages()
+        if now - self._last_cleanup > CLEANUP_INTERVAL:
+            self._last_cleanup = now
             self._cleanup()
+
+    def _move_due_messages(self) -> None:
+        assert self._move_due is not None
+        try:
+            moved = self._move_due(self.queues)
+        except self.connection.connection_errors as exc:
+            logger.warning("Moving due delayed messages failed: %s", exc)
+            return
+        if moved:
+            logger.debug("Moved %d due delayed message(s) to their queues", moved)
 
     def _cleanup(self) -> None:
         try:
