@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -211,9 +212,12 @@ class Channel(kombu_redis.Channel):
     def schedule(self, envelope: dict[str, Any], queue: str) -> None:
         """Put a message that arrived before its ``eta`` back on the broker, delayed.
 
-        The worker then acknowledges the delivered copy.
+        The copy gets a new delivery tag: the worker then acknowledges the
+        delivered one, and that (buffered) ack must not touch the copy's
+        bookkeeping once it is due and reserved again.
         """
-        self._put(queue, envelope)
+        properties = dict(envelope.get("properties") or {}, delivery_tag=str(uuid.uuid4()))
+        self._put(queue, {**envelope, "properties": properties})
 
     def move_due(self, queues: list[str], limit: int = 1000) -> int:
         """Move delayed messages whose time has come into their queues.

@@ -84,8 +84,9 @@ def test_unreachable_broker_is_retried_then_reported(tmp_path) -> None:
 def test_received_then_started_with_track_started(basic_app: Flask, redis_env: dict[str, str],
                                                   start_worker) -> None:
     start_worker(APP, "-c", "1", env=redis_env)
-    first = basic.sleep.delay(1.0)
-    queued = basic.sleep.delay(0.1)  # prefetched while the first runs
+    first = basic.sleep.delay(1.5)
+    wait_for(lambda: first.state == states.STARTED, timeout=10, message="STARTED")
+    queued = basic.sleep.delay(0.1)  # prefetched while the only process is busy
     wait_for(lambda: queued.state == states.RECEIVED, timeout=10, message="RECEIVED")
     assert first.state == states.STARTED
     assert queued.get(timeout=10) == 0.1

@@ -31,7 +31,7 @@ def test_countdown_waits_on_redis_not_in_the_worker(basic_app: Flask, redis_url:
     assert result.state == states.PENDING
     assert result.get(timeout=10) == 3
     ran_after = result.date_done.timestamp() - sent  # type: ignore[union-attr]
-    assert 1.5 <= ran_after < 2.5, ran_after
+    assert 1.5 <= ran_after < 3.0, ran_after  # due + move interval + load
     assert client.zcard("celery\x06\x16eta") == 0
 
 
