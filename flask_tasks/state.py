@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
 
+from . import states
 from .backends.base import Backend, DisabledBackend
 from .config import Config
 from .exceptions import ImproperlyConfigured, NotRegistered
@@ -165,7 +166,8 @@ class AppState:
                   retries: int = 0, **options: Any) -> AsyncResult[Any]:
         """Encode and publish one task message; see :meth:`Task.apply_async`."""
         config = self.config
-        unknown = set(options) - {"group_id", "group_index", "chain", "chord"}
+        unknown = set(options) - {"group_id", "group_index", "chain", "chord", "root_id",
+                                  "parent_id"}
         if unknown:
             raise TypeError(f"Unknown apply_async option(s): {sorted(unknown)}")
         if config.always_eager:
@@ -183,8 +185,10 @@ class AppState:
         message = build(
             name, task_id, args, kwargs,
             serializer=serializer,
-            root_id=(parent.root_id or parent.id) if parent and not parent.called_directly else None,
-            parent_id=parent.id if parent and not parent.called_directly else None,
+            root_id=options.pop("root_id", None) or (
+                (parent.root_id or parent.id) if parent and not parent.called_directly else None),
+            parent_id=options.pop("parent_id", None) or (
+                parent.id if parent and not parent.called_directly else None),
             retries=retries,
             eta=when,
             expires=to_datetime(expires),
@@ -226,14 +230,20 @@ class AppState:
 
         task_id = task_id or str(uuid.uuid4())
         serializer = task.serializer or self.config.serializer
-        message = build(task.name, task_id, args, kwargs, serializer=serializer)
-        request = parse(message.headers, message.body, message.content_type,
-                        message.content_encoding, self.accept, message.properties)
-        request.is_eager = True
         app = current_app._get_current_object() if has_app_context() else self._app_ref()  # type: ignore[attr-defined]
         if app is None:
             raise RuntimeError("The app of this Tasks state is gone")
-        outcome = run_task(app, self, task, request, store=self.config.store_eager_result)
+        retries = 0
+        while True:  # a retry runs again at once (countdown and eta are not waited for)
+            message = build(task.name, task_id, args, kwargs, serializer=serializer,
+                            retries=retries)
+            request = parse(message.headers, message.body, message.content_type,
+                            message.content_encoding, self.accept, message.properties)
+            request.is_eager = True
+            outcome = run_task(app, self, task, request, store=self.config.store_eager_result)
+            if outcome.state != states.RETRY:
+                break
+            retries += 1
         propagate = self.config.eager_propagates if throw is None else throw
         if propagate and outcome.exc is not None:
             raise outcome.exc

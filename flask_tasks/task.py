@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from flask import current_app, has_app_context
 
-from .exceptions import ImproperlyConfigured
+from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
 from .protocol import Request
 from .result import AsyncResult, EagerResult
 
@@ -321,6 +321,65 @@ class Task(Generic[P, R]):
         if request is not None and request.is_eager and not app_state.config.store_eager_result:
             return
         app_state.backend.store_result(task_id, meta, state or "PENDING", request=request)
+
+    def retry(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              exc: BaseException | None = None, throw: bool = True,
+              eta: datetime | None = None, countdown: float | None = None,
+              max_retries: int | None = None, **options: Any) -> Retry:
+        """Run this task again later, with the same id; call it inside the running task.
+
+        Publishes the call again (``request.retries`` one higher) to run after
+        ``countdown`` seconds (default :attr:`default_retry_delay`) or at
+        ``eta``, then raises :class:`~flask_tasks.exceptions.Retry`, which
+        the worker turns into the RETRY state, ``on_retry`` and ``task_retry``::
+
+            @tasks.task(bind=True, max_retries=5)
+            def fetch(self, url):
+                try:
+                    return download(url)
+                except ConnectionError as exc:
+                    raise self.retry(exc=exc, countdown=10)
+
+        :param args: new positional arguments (default: the current ones).
+        :param kwargs: new keyword arguments (default: the current ones).
+        :param exc: the exception that caused the retry; re-raised as is once
+            ``max_retries`` is exceeded.
+        :param throw: raise the :class:`Retry` (default); ``False`` returns it.
+        :param eta: run no earlier than this datetime (naive means UTC).
+        :param countdown: seconds to wait (default :attr:`default_retry_delay`).
+        :param max_retries: overrides :attr:`max_retries` (None: no limit
+            when the task's is None too).
+        :param options: more :meth:`apply_async` options (``queue``, ``priority``...).
+        :raises Retry: the retry was scheduled (with ``throw``).
+        :raises MaxRetriesExceededError: no retries left and no ``exc`` given.
+        """
+        request = self.request
+        if request.called_directly:  # not run by a worker: nothing to retry
+            raise exc if exc is not None else Retry("Task can be retried", None)
+        retries = request.retries + 1
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and retries > limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}]: it ran {retries} times "
+                f"(max_retries={limit})."
+            )
+        if eta is None and countdown is None:
+            countdown = self.default_retry_delay
+        signal = Retry(exc=exc, when=eta if eta is not None else countdown)
+        if not request.is_eager:  # eager mode runs the retry at once, in apply()
+            timelimit = request.timelimit
+            options.setdefault("queue", (request.delivery_info or {}).get("routing_key") or None)
+            self._state().send_task(
+                self.name, request.args if args is None else args,
+                request.kwargs if kwargs is None else kwargs, task=self, task_id=request.id,
+                countdown=countdown if eta is None else None, eta=eta, retries=retries,
+                expires=request.expires, time_limit=timelimit[0], soft_time_limit=timelimit[1],
+                root_id=request.root_id, parent_id=request.parent_id, **options)
+        if throw:
+            raise signal
+        return signal
 
     # -- handlers (override in a base class) -------------------------------------
     def before_start(self, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 import traceback as tb_module
@@ -24,6 +25,7 @@ from ..exceptions import (
     Ignore,
     NotRegistered,
     Reject,
+    Retry,
     TaskRevokedError,
 )
 from ..protocol import Request, parse
@@ -33,6 +35,7 @@ from ..signals import (
     task_failure,
     task_postrun,
     task_prerun,
+    task_retry,
     task_revoked,
     task_success,
 )
@@ -110,12 +113,15 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
             send_robust(task_prerun, task, task_id=task_id, task=task, args=args, kwargs=kwargs)
             try:
                 _call_handler(task, "before_start", task_id, args, kwargs)
-                retval = task.run(*args, **kwargs)
+                retval = _run(task, args, kwargs)
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
                                          extended=extended, defer=True)
                 if request.is_eager:  # what a caller would get back from a worker
                     retval = backend.decode(backend.encode(retval))
+            except Retry as exc:
+                outcome.runtime = time.perf_counter() - start
+                _retry(task, request, outcome, exc, store, state)
             except Ignore:
                 outcome.state = states.IGNORED
             except Reject as exc:
@@ -142,6 +148,48 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
     finally:
         current_request.reset(token)
     return outcome
+
+
+def backoff_delay(factor: bool | float, retries: int, maximum: float, jitter: bool) -> float:
+    """Seconds before retry number ``retries + 1`` with exponential backoff (Celery's rule).
+
+    ``factor × 2 ** retries`` seconds (``factor`` True means 1), at most
+    ``maximum``; with ``jitter`` a random value between 0 and that.
+    """
+    delay = min(float(maximum), (1.0 if factor is True else float(factor)) * 2 ** retries)
+    return random.uniform(0, delay) if jitter else delay
+
+
+def _run(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """Run the task body, turning an ``autoretry_for`` exception into :meth:`Task.retry`."""
+    try:
+        return task.run(*args, **kwargs)
+    except Retry:
+        raise
+    except Exception as exc:
+        if task.autoretry_for and isinstance(exc, task.autoretry_for) and not (
+                task.dont_autoretry_for and isinstance(exc, task.dont_autoretry_for)):
+            options = dict(task.retry_kwargs or {})
+            if task.retry_backoff and "countdown" not in options:
+                options["countdown"] = backoff_delay(task.retry_backoff, task.request.retries,
+                                                     task.retry_backoff_max, task.retry_jitter)
+            task.retry(exc=exc, **options)
+        raise
+
+
+def _retry(task: Task[Any, Any], request: Request, outcome: Outcome, signal: Retry, store: bool,
+           state: AppState) -> None:
+    cause: BaseException = signal.exc if signal.exc is not None else signal
+    text = "".join(tb_module.format_exception(cause))
+    outcome.state, outcome.traceback = states.RETRY, text
+    if store:
+        try:
+            state.backend.store_result(request.id, cause, states.RETRY, text, request=request)
+        except Exception:
+            logger.exception("Could not store the retry of task %s[%s]", task.name, request.id)
+    _call_handler(task, "on_retry", cause, request.id, request.args, request.kwargs, text)
+    send_robust(task_retry, task, request=request, reason=signal, einfo=text)
+    logger.info("Task %s[%s] retry: %s", task.name, request.id, signal)
 
 
 def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: Exception, store: bool,

@@ -112,6 +112,14 @@ def on_hipri() -> str:
     return "hipri"
 
 
+@tasks.task(bind=True, max_retries=3)
+def flaky(self, fail_times: int) -> dict:
+    """Fails ``fail_times`` times (retrying after 0.3 s), then returns what it saw."""
+    if self.request.retries < fail_times:
+        raise self.retry(exc=ConnectionError(f"attempt {self.request.retries}"), countdown=0.3)
+    return {"retries": self.request.retries, "id": self.request.id}
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=os.environ.get("TEST_INSTANCE_PATH") or None)
     broker = os.environ.get("TEST_BROKER_URL")
