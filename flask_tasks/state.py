@@ -6,6 +6,7 @@ app it was initialized on (``tasks.state(app)``).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 import weakref
@@ -29,6 +30,8 @@ from .task import Task, current_request
 
 if TYPE_CHECKING:
     from .extension import Tasks
+
+logger = logging.getLogger("flask_tasks.state")
 
 EMBEDDED_BROKER_FILE = "flask_tasks-broker.sqlite"
 EMBEDDED_RESULTS_FILE = "flask_tasks-results.sqlite"
@@ -222,6 +225,34 @@ class AppState:
                     exchange=queue_obj.exchange.name, routing_key=queue_obj.routing_key)
         return AsyncResult(task_id, self.backend, task_name=name)
 
+    def send_on_commit(self, name: str, args: Sequence[Any] | None = None,
+                       kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+        """:meth:`send_task` once the Flask-SQLAlchemy session commits (never on rollback).
+
+        Without Flask-SQLAlchemy on the app, or outside a transaction, it is sent at once.
+
+        :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized
+            (checked now, not at commit).
+        """
+        task_id = options.pop("task_id", None) or str(uuid.uuid4())
+        serializer = options.get("serializer") or getattr(options.get("task"), "serializer",
+                                                          None) or self.config.serializer
+        build(name, task_id, args, kwargs, serializer=serializer)  # fail now, not at commit
+        app = current_app._get_current_object() if has_app_context() else self._app_ref()  # type: ignore[attr-defined]
+        db = app.extensions.get("sqlalchemy") if app is not None else None
+        session = db.session() if db is not None else None
+        if session is None or not session.in_transaction():
+            return self.send_task(name, args, kwargs, task_id=task_id, **options)
+        pending = session.info.get(_PENDING_KEY)
+        if pending is None:
+            from sqlalchemy import event
+
+            pending = session.info[_PENDING_KEY] = []
+            event.listen(session, "after_commit", _publish_pending)
+            event.listen(session, "after_rollback", _drop_pending)
+        pending.append((self, name, args, kwargs, task_id, options))
+        return AsyncResult(task_id, self.backend, task_name=name)
+
     def apply_eagerly(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                       *, task_id: str | None = None, throw: bool | None = None,
                       **options: Any) -> EagerResult[Any]:
@@ -257,6 +288,28 @@ class AppState:
         if self._publisher is not None:
             self._publisher.reset_after_fork()
         self._backend.reset_after_fork()
+
+
+_PENDING_KEY = "flask_tasks.on_commit"
+
+
+def _publish_pending(session: Any) -> None:
+    """``after_commit``: send what waited for this commit."""
+    pending = session.info.get(_PENDING_KEY) or []
+    session.info[_PENDING_KEY] = []
+    for state, name, args, kwargs, task_id, options in pending:
+        try:
+            state.send_task(name, args, kwargs, task_id=task_id, **options)
+        except Exception:  # the commit is done: report, and send the others
+            logger.exception("Could not send task %s[%s] after the commit", name, task_id)
+
+
+def _drop_pending(session: Any) -> None:
+    """``after_rollback``: what waited for a commit is never sent."""
+    dropped = session.info.get(_PENDING_KEY) or []
+    session.info[_PENDING_KEY] = []
+    for _, name, _args, _kwargs, task_id, _ in dropped:
+        logger.info("Task %s[%s] not sent: the transaction rolled back", name, task_id)
 
 
 def _first(*values: Any) -> Any:

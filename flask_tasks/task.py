@@ -199,6 +199,13 @@ class Task(Generic[P, R]):
         """
         return self.apply_async(args, kwargs)
 
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Like :meth:`delay`, but publish only once the current database transaction commits.
+
+        See ``apply_async(..., on_commit=True)``.
+        """
+        return self.apply_async(args, kwargs, on_commit=True)
+
     def apply_async(
         self,
         args: Sequence[Any] | None = None,
@@ -220,6 +227,7 @@ class Task(Generic[P, R]):
         ignore_result: bool | None = None,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        on_commit: bool = False,
         **options: Any,
     ) -> AsyncResult[R]:
         """Send the task to a worker with options.
@@ -247,7 +255,13 @@ class Task(Generic[P, R]):
         :param ignore_result: store no result for this call.
         :param time_limit: hard time limit for this call, seconds.
         :param soft_time_limit: soft time limit for this call, seconds.
-        :returns: an :class:`AsyncResult` (an :class:`EagerResult` in eager mode).
+        :param on_commit: publish only after the app's Flask-SQLAlchemy session
+            commits its current transaction, and not at all if it rolls back,
+            so the task never runs before the rows it needs exist (outside a
+            transaction: at once). The returned result's id is the one that
+            will be used; arguments are checked and encoded now.
+        :returns: an :class:`AsyncResult` (an :class:`EagerResult` in eager mode;
+            with ``on_commit`` a plain :class:`AsyncResult`).
         :raises flask_tasks.exceptions.EncodeError: an argument cannot be
             serialized; nothing was sent.
         :raises TypeError: the arguments do not fit the function's signature.
@@ -257,6 +271,15 @@ class Task(Generic[P, R]):
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
         state = self._state()
+        if on_commit:
+            return state.send_on_commit(  # type: ignore[return-value]
+                self.name, args, kwargs, task=self, countdown=countdown, eta=eta,
+                expires=expires, queue=queue, priority=priority, task_id=task_id, link=link,
+                link_error=link_error, retry=retry, retry_policy=retry_policy,
+                serializer=serializer, compression=compression, headers=headers,
+                ignore_result=ignore_result, time_limit=time_limit,
+                soft_time_limit=soft_time_limit, **options,
+            )
         return state.send_task(  # type: ignore[return-value]
             self.name, args, kwargs, task=self, countdown=countdown, eta=eta,
             expires=expires, queue=queue, priority=priority, task_id=task_id, link=link,

@@ -87,6 +87,11 @@ def pending_rows() -> int:
     return len(db.session.new)
 
 
+@tasks.task
+def note_exists(text: str) -> bool:
+    return db.session.query(Note).filter_by(text=text).first() is not None
+
+
 @tasks.task(ignore_result=True)
 def quiet() -> int:
     return 1

@@ -115,3 +115,14 @@ def test_publish_survives_a_broker_restart(tmp_path) -> None:
             assert client.llen("celery") == 1
     finally:
         server.stop()
+
+
+def test_delay_on_commit_runs_after_the_row_exists(basic_app: Flask, redis_env: dict[str, str],
+                                                   start_worker) -> None:
+    start_worker(APP, "-c", "1", env=redis_env)
+    basic.db.session.add(basic.Note(text="committed"))
+    result = basic.note_exists.delay_on_commit("committed")
+    time.sleep(0.3)  # a task sent now would not find the row
+    assert result.state == states.PENDING
+    basic.db.session.commit()
+    assert result.get(timeout=10) is True

@@ -30,3 +30,5 @@ def shared(flag: bool) -> bool:
 
 shared.delay(True)
 shared.delay(1, 2)  # error
+add.delay_on_commit(1, 2)
+add.delay_on_commit("x", 2)  # error
