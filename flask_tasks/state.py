@@ -249,7 +249,7 @@ class AppState:
 
             pending = session.info[_PENDING_KEY] = []
             event.listen(session, "after_commit", _publish_pending)
-            event.listen(session, "after_rollback", _drop_pending)
+            event.listen(session, "after_transaction_end", _drop_pending)
         pending.append((self, name, args, kwargs, task_id, options))
         return AsyncResult(task_id, self.backend, task_name=name)
 
@@ -294,7 +294,9 @@ _PENDING_KEY = "flask_tasks.on_commit"
 
 
 def _publish_pending(session: Any) -> None:
-    """``after_commit``: send what waited for this commit."""
+    """``after_commit``: send what waited for this commit (not a savepoint's)."""
+    if session.in_nested_transaction():  # a savepoint: the real commit is still to come
+        return
     pending = session.info.get(_PENDING_KEY) or []
     session.info[_PENDING_KEY] = []
     for state, name, args, kwargs, task_id, options in pending:
@@ -304,12 +306,19 @@ def _publish_pending(session: Any) -> None:
             logger.exception("Could not send task %s[%s] after the commit", name, task_id)
 
 
-def _drop_pending(session: Any) -> None:
-    """``after_rollback``: what waited for a commit is never sent."""
+def _drop_pending(session: Any, transaction: Any) -> None:
+    """``after_transaction_end`` of the outermost transaction: what is left is never sent.
+
+    After a commit nothing is left (``after_commit`` sent it); after a rollback
+    or a close without commit, the waiting tasks are dropped, with a log line.
+    """
+    if transaction.parent is not None:  # a savepoint ended: wait for the real end
+        return
     dropped = session.info.get(_PENDING_KEY) or []
     session.info[_PENDING_KEY] = []
     for _, name, _args, _kwargs, task_id, _ in dropped:
-        logger.info("Task %s[%s] not sent: the transaction rolled back", name, task_id)
+        logger.info("Task %s[%s] not sent: the transaction ended without a commit",
+                    name, task_id)
 
 
 def _first(*values: Any) -> Any:

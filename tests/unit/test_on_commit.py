@@ -80,3 +80,26 @@ def test_bad_arguments_fail_now(app: tuple[Flask, list[dict[str, Any]]]) -> None
         use.delay_on_commit()  # type: ignore[call-arg]
     db.session.commit()
     assert sent == []
+
+
+def test_savepoints_wait_for_the_real_commit(app: tuple[Flask, list[dict[str, Any]]]) -> None:
+    _, sent = app
+    db.session.add(Row())
+    with db.session.begin_nested():
+        use.delay_on_commit(1)
+    assert sent == []  # a savepoint released is not the commit
+    db.session.commit()
+    assert len(sent) == 1
+
+
+def test_closing_without_commit_drops_and_logs(app: tuple[Flask, list[dict[str, Any]]],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    _, sent = app
+    db.session.add(Row())
+    result = use.delay_on_commit(1)
+    with caplog.at_level("INFO", logger="flask_tasks.state"):
+        db.session.remove()  # what Flask-SQLAlchemy does at the end of a request
+    assert f"[{result.id}] not sent" in caplog.text
+    db.session.add(Row())
+    db.session.commit()
+    assert sent == []
