@@ -80,6 +80,12 @@ SETTINGS: tuple[Setting, ...] = (
             "(two more writes per task) for tasks that do not say otherwise."),
     Setting("TASKS_ACKS_LATE", "acks_late", False, (bool,),
             "Acknowledge messages after the task ran instead of before (at-least-once)."),
+    Setting("TASKS_REJECT_ON_WORKER_LOST", "reject_on_worker_lost", False, (bool,),
+            "For ``acks_late`` tasks: when the pool process running the task dies, deliver "
+            "the message again instead of ending the task FAILURE (``WorkerLostError``)."),
+    Setting("TASKS_POISON_MAX_DELIVERIES", "poison_max_deliveries", 3, (int,),
+            "With ``reject_on_worker_lost``: after the task killed its pool process this "
+            "many times it ends FAILURE instead of running again (a poison message)."),
     Setting("TASKS_RESULT_EXPIRES", "result_expires", 86400.0, (int, float),
             "Seconds a stored result is kept (0 or None: forever)."),
     Setting("TASKS_RESULT_EXTENDED", "result_extended", False, (bool,),
@@ -129,6 +135,8 @@ class Config:
     ignore_result: bool = False
     track_started: bool = False
     acks_late: bool = False
+    reject_on_worker_lost: bool = False
+    poison_max_deliveries: int = 3
     result_expires: float | None = 86400.0
     result_extended: bool = False
     publish_retry: bool = True

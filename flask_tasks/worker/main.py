@@ -34,6 +34,7 @@ from kombu.mixins import ConsumerMixin
 from .. import states
 from ..exceptions import NotRegistered, WorkerLostError
 from ..extension import Tasks
+from ..protocol import Message as ProtocolMessage
 from ..protocol import check_headers, parse_datetime
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
@@ -56,6 +57,8 @@ EX_FAILURE = 1
 EX_COLD = 2
 
 CLEANUP_INTERVAL = 3600.0
+#: Header counting how often a message's task killed its pool process.
+LOST_HEADER = "x-flask-tasks-lost"
 #: Seconds between moves of due delayed messages into their queues.
 MOVE_INTERVAL = 0.2
 
@@ -69,6 +72,8 @@ class _Delivery:
     name: str
     task_id: str
     acked: bool = False
+    #: Deliver again if the pool process dies (acks_late + reject_on_worker_lost).
+    again_if_lost: bool = False
 
 
 class Worker(ConsumerMixin):
@@ -120,7 +125,7 @@ class Worker(ConsumerMixin):
         # acked when a process starts them; the other pools start them on submit.
         self._ack_on_start = isinstance(self.pool, PreforkPool)
         self._tags = itertools.count(1)
-        self._buffer: deque[tuple[int, Message, bool]] = deque()
+        self._buffer: deque[tuple[int, Message, bool, bool]] = deque()
         self._inflight: dict[int, _Delivery] = {}
         self._consumers: list[Consumer] = []
         self._warm = False
@@ -250,7 +255,9 @@ class Worker(ConsumerMixin):
                 and not self.state.backend.disabled:
             self.state.backend.store_result(task_id, None, states.RECEIVED)
         send_robust(task_received, self, request=message.headers)
-        self._buffer.append((next(self._tags), message, acks_late))
+        again = task.reject_on_worker_lost if task.reject_on_worker_lost is not None \
+            else config.reject_on_worker_lost
+        self._buffer.append((next(self._tags), message, acks_late, acks_late and again))
         self._dispatch()
 
     def _delay(self, message: Message, name: str, task_id: str) -> bool:
@@ -281,9 +288,10 @@ class Worker(ConsumerMixin):
     # -- dispatch and completion -------------------------------------------------------
     def _dispatch(self) -> None:
         while self._buffer and self.pool.free() > 0 and not self._warm:
-            tag, message, acks_late = self._buffer.popleft()
+            tag, message, acks_late, again_if_lost = self._buffer.popleft()
             headers = message.headers
-            delivery = _Delivery(message, acks_late, headers["task"], headers["id"])
+            delivery = _Delivery(message, acks_late, headers["task"], headers["id"],
+                                 again_if_lost=again_if_lost)
             self._inflight[tag] = delivery
             if not acks_late and not self._ack_on_start:
                 self._settle(message, ACK)
@@ -327,7 +335,10 @@ class Worker(ConsumerMixin):
             if action == SKIP:  # queued, never started (warm shutdown): back to the queue
                 action = REQUEUE
             elif action == LOST:
-                self._worker_lost(delivery.name, delivery.task_id, outcome.reason or "")
+                if delivery.again_if_lost:
+                    self._deliver_again(delivery, outcome.reason or "")
+                else:
+                    self._worker_lost(delivery.name, delivery.task_id, outcome.reason or "")
                 action = ACK
             elif outcome.reason and action in (REJECT, REQUEUE):
                 logger.warning("%s", outcome.reason)
@@ -336,6 +347,36 @@ class Worker(ConsumerMixin):
             # An early-ack job that started and ended between two looks is acked now.
             self._settle(delivery.message, action if delivery.acks_late or action == REQUEUE
                          else ACK)
+
+    def _deliver_again(self, delivery: _Delivery, reason: str) -> None:
+        """Its process died: publish the message again, counting the deaths; cap poison.
+
+        A copy with the count in a header goes back to the queue (the caller
+        acks the original), so the cap holds on every broker.
+        """
+        message = delivery.message
+        lost = int(message.headers.get(LOST_HEADER) or 0) + 1
+        limit = self.state.config.poison_max_deliveries
+        if lost >= limit:
+            self._worker_lost(delivery.name, delivery.task_id,
+                              f"{reason}; the task killed its process {lost} times, so it is "
+                              f"not delivered again (TASKS_POISON_MAX_DELIVERIES={limit})")
+            return
+        headers = {**message.headers, LOST_HEADER: lost}
+        queue = self.state.router.queue(message.delivery_info.get("routing_key")
+                                        or self.queues[0])
+        properties = {key: message.properties.get(key, "")
+                      for key in ("correlation_id", "reply_to")}
+        copy = ProtocolMessage(delivery.task_id, delivery.name, headers, properties,
+                               message.body, message.content_type, message.content_encoding)
+        try:
+            self.state.publisher.publish(copy, queue, priority=message.properties.get("priority"))
+        except Exception:
+            logger.exception("Could not deliver task %s[%s] again", delivery.name,
+                             delivery.task_id)
+            return
+        logger.warning("Task %s[%s] will run again (%s; %d of %d)", delivery.name,
+                       delivery.task_id, reason, lost, limit)
 
     def _worker_lost(self, name: str, task_id: str, reason: str) -> None:
         exc = WorkerLostError(reason)
@@ -395,7 +436,7 @@ class Worker(ConsumerMixin):
             except Exception:
                 pass
         while self._buffer:
-            _, message, _ = self._buffer.popleft()
+            message = self._buffer.popleft()[1]
             self._settle(message, REQUEUE)
         self.pool.begin_shutdown()
         while self.pool.busy() and not self._cold:

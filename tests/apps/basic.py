@@ -76,6 +76,18 @@ def die() -> None:
     os.kill(os.getpid(), 9)
 
 
+@tasks.task(acks_late=True, reject_on_worker_lost=True)
+def die_late(tag: str, times: int) -> str:
+    """Kill its own process the first ``times`` runs (counted in the instance folder)."""
+    path = os.path.join(current_app.instance_path, f"die-{tag}.txt")
+    with open(path, "a") as out:
+        out.write("x")
+    with open(path) as counted:
+        if len(counted.read()) <= times:
+            os.kill(os.getpid(), 9)
+    return tag
+
+
 @tasks.task
 def leave_pending_row(text: str) -> int:
     db.session.add(Note(text=text))  # never committed: teardown must discard it

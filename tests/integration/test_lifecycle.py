@@ -114,3 +114,24 @@ def test_children_exit_when_the_main_process_is_killed(basic_app: Flask,
     worker.proc.wait(5)
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"orphaned children: {alive}"
+
+
+def test_reject_on_worker_lost_runs_the_task_again(basic_app: Flask, redis_env: dict[str, str],
+                                                   start_worker) -> None:
+    worker = start_worker(APP, "-P", "prefork", "-c", "1", env=redis_env)
+    result = basic.die_late.delay("twice", 2)  # dies twice, succeeds the third time
+    assert result.get(timeout=20) == "twice"
+    worker.wait_output("will run again")
+
+
+def test_poison_message_ends_failure_after_the_cap(basic_app: Flask, redis_url: str,
+                                                   redis_env: dict[str, str],
+                                                   start_worker) -> None:
+    start_worker(APP, "-P", "prefork", "-c", "1", env=redis_env)
+    result = basic.die_late.delay("poison", 100)  # kills its process every time
+    with pytest.raises(WorkerLostError, match="killed its process 3 times"):
+        result.get(timeout=30)
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("celery") == 0
+    wait_for(lambda: client.hlen("unacked") == 0, timeout=5, message="acks flushed")
+    assert basic.add.delay(1, 2).get(timeout=10) == 3  # and the worker keeps serving
