@@ -86,6 +86,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TASKS_POISON_MAX_DELIVERIES", "poison_max_deliveries", 3, (int,),
             "With ``reject_on_worker_lost``: after the task killed its pool process this "
             "many times it ends FAILURE instead of running again (a poison message)."),
+    Setting("TASKS_TIME_LIMIT", "time_limit", None, (int, float),
+            "Seconds a task may run before the worker kills its process (prefork and solo "
+            "cannot be interrupted otherwise); the task ends FAILURE with "
+            "``TimeLimitExceeded``. None: no limit. Per task/call ``time_limit`` wins."),
+    Setting("TASKS_SOFT_TIME_LIMIT", "soft_time_limit", None, (int, float),
+            "Seconds after which ``SoftTimeLimitExceeded`` is raised inside the task (prefork "
+            "and solo pools) so it can clean up. None: no limit."),
     Setting("TASKS_RESULT_EXPIRES", "result_expires", 86400.0, (int, float),
             "Seconds a stored result is kept (0 or None: forever)."),
     Setting("TASKS_RESULT_EXTENDED", "result_extended", False, (bool,),
@@ -136,6 +143,8 @@ class Config:
     track_started: bool = False
     acks_late: bool = False
     reject_on_worker_lost: bool = False
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
     poison_max_deliveries: int = 3
     result_expires: float | None = 86400.0
     result_extended: bool = False

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import socket
+import threading
 import time
 import traceback as tb_module
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from ..exceptions import (
     NotRegistered,
     Reject,
     Retry,
+    SoftTimeLimitExceeded,
     TaskRevokedError,
 )
 from ..protocol import Request, parse
@@ -86,6 +89,44 @@ def _call_handler(task: Task[Any, Any], handler: str, *args: Any) -> None:
         logger.exception("Handler %s.%s of task %s raised", type(task).__name__, handler, task.name)
 
 
+def _raise_soft_limit(signum: int, frame: Any) -> None:
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+class _SoftLimit:
+    """Raise :class:`SoftTimeLimitExceeded` in this (main) thread after ``seconds``.
+
+    Uses ``SIGALRM``, so only where the task runs in a process's main thread
+    (prefork children, solo); elsewhere it does nothing.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds if seconds and hasattr(signal, "setitimer") \
+            and threading.current_thread() is threading.main_thread() else None
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        if self.seconds:
+            self.previous = signal.signal(signal.SIGALRM, _raise_soft_limit)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous or signal.SIG_DFL)
+
+
+def time_limits(task: Task[Any, Any], request: Request, config: Any) -> tuple[float | None,
+                                                                              float | None]:
+    """(hard, soft) seconds for this call: the message's, else the task's, else the worker's."""
+    hard, soft = request.timelimit
+    hard = hard if hard is not None else task.time_limit if task.time_limit is not None \
+        else config.time_limit
+    soft = soft if soft is not None else task.soft_time_limit \
+        if task.soft_time_limit is not None else config.soft_time_limit
+    return hard, soft
+
+
 def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request, *,
              store: bool = True, hostname: str | None = None) -> Outcome:
     """Run ``task`` for ``request`` inside ``app``'s app context.
@@ -113,7 +154,9 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
             send_robust(task_prerun, task, task_id=task_id, task=task, args=args, kwargs=kwargs)
             try:
                 _call_handler(task, "before_start", task_id, args, kwargs)
-                retval = _run(task, args, kwargs)
+                with _SoftLimit(None if request.is_eager else time_limits(task, request,
+                                                                          config)[1]):
+                    retval = _run(task, args, kwargs)
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
                                          extended=extended, defer=True)
@@ -128,7 +171,7 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                 outcome.state = states.REJECTED
                 outcome.action = REQUEUE if exc.requeue else REJECT
                 outcome.reason = str(exc.reason)
-            except Exception as exc:
+            except (Exception, SoftTimeLimitExceeded) as exc:
                 outcome.runtime = time.perf_counter() - start
                 _fail(task, request, outcome, exc, store, state)
             else:
@@ -192,8 +235,8 @@ def _retry(task: Task[Any, Any], request: Request, outcome: Outcome, signal: Ret
     logger.info("Task %s[%s] retry: %s", task.name, request.id, signal)
 
 
-def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: Exception, store: bool,
-          state: AppState) -> None:
+def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: BaseException,
+          store: bool, state: AppState) -> None:
     text = "".join(tb_module.format_exception(exc))
     outcome.state, outcome.exc, outcome.traceback = states.FAILURE, exc, text
     if store:

@@ -32,7 +32,7 @@ from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerMixin
 
 from .. import states
-from ..exceptions import NotRegistered, WorkerLostError
+from ..exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
 from ..extension import Tasks
 from ..protocol import Message as ProtocolMessage
 from ..protocol import check_headers, parse_datetime
@@ -74,6 +74,10 @@ class _Delivery:
     acked: bool = False
     #: Deliver again if the pool process dies (acks_late + reject_on_worker_lost).
     again_if_lost: bool = False
+    #: Hard time limit, seconds (None: none); when the job was seen started.
+    time_limit: float | None = None
+    started_at: float | None = None
+    timed_out: bool = False
 
 
 class Worker(ConsumerMixin):
@@ -260,6 +264,16 @@ class Worker(ConsumerMixin):
         self._buffer.append((next(self._tags), message, acks_late, acks_late and again))
         self._dispatch()
 
+    def _time_limit(self, headers: dict[str, Any]) -> float | None:
+        """The hard time limit of a message: its header's, its task's, or the worker's."""
+        limits = headers.get("timelimit") or (None, None)
+        hard = limits[0] if isinstance(limits, (list, tuple)) and limits else None
+        if hard is None:
+            task = self.state.get_task(headers["task"])
+            hard = task.time_limit if task is not None and task.time_limit is not None \
+                else self.state.config.time_limit
+        return float(hard) if hard else None
+
     def _delay(self, message: Message, name: str, task_id: str) -> bool:
         """Send a message that came before its ``eta`` back to the broker's delayed store.
 
@@ -291,7 +305,9 @@ class Worker(ConsumerMixin):
             tag, message, acks_late, again_if_lost = self._buffer.popleft()
             headers = message.headers
             delivery = _Delivery(message, acks_late, headers["task"], headers["id"],
-                                 again_if_lost=again_if_lost)
+                                 again_if_lost=again_if_lost,
+                                 time_limit=self._time_limit(headers) if self._ack_on_start
+                                 else None)
             self._inflight[tag] = delivery
             if not acks_late and not self._ack_on_start:
                 self._settle(message, ACK)
@@ -316,14 +332,27 @@ class Worker(ConsumerMixin):
                            _message_id(message), exc)
 
     def _ack_started(self) -> None:
-        """Acknowledge the early-ack messages whose job a pool process has started."""
+        """Note which jobs a pool process has started: ack early-ack messages, time them.
+
+        Then kill the process of any job past its hard time limit (prefork).
+        """
         if not self._ack_on_start:
             return
+        now = time.monotonic()
         for tag in self.pool.started():
             delivery = self._inflight.get(tag)
-            if delivery is not None and not delivery.acks_late and not delivery.acked:
+            if delivery is None:
+                continue
+            if delivery.started_at is None:
+                delivery.started_at = now
+            if not delivery.acks_late and not delivery.acked:
                 self._settle(delivery.message, ACK)
                 delivery.acked = True
+            if delivery.time_limit and not delivery.timed_out \
+                    and now - delivery.started_at > delivery.time_limit:
+                logger.error("Task %s[%s] ran past its time limit of %s s: killing its process",
+                             delivery.name, delivery.task_id, delivery.time_limit)
+                delivery.timed_out = self.pool.terminate_job(tag)  # type: ignore[attr-defined]
 
     def _complete(self, outcomes: list[Outcome]) -> None:
         self._ack_started()
@@ -334,6 +363,11 @@ class Worker(ConsumerMixin):
             action = outcome.action
             if action == SKIP:  # queued, never started (warm shutdown): back to the queue
                 action = REQUEUE
+            elif action == LOST and delivery.timed_out:
+                self._worker_lost(delivery.name, delivery.task_id, "", TimeLimitExceeded(
+                    f"Task {delivery.name}[{delivery.task_id}] ran past its time limit of "
+                    f"{delivery.time_limit} s; its process was killed."))
+                action = ACK
             elif action == LOST:
                 if delivery.again_if_lost:
                     self._deliver_again(delivery, outcome.reason or "")
@@ -378,8 +412,10 @@ class Worker(ConsumerMixin):
         logger.warning("Task %s[%s] will run again (%s; %d of %d)", delivery.name,
                        delivery.task_id, reason, lost, limit)
 
-    def _worker_lost(self, name: str, task_id: str, reason: str) -> None:
-        exc = WorkerLostError(reason)
+    def _worker_lost(self, name: str, task_id: str, reason: str,
+                     exc: BaseException | None = None) -> None:
+        exc = exc or WorkerLostError(reason)
+        reason = reason or str(exc)
         logger.error("Task %s[%s] failed: %s", name, task_id, reason)
         try:
             self.state.backend.store_result(task_id, exc, states.FAILURE, reason)
@@ -398,6 +434,7 @@ class Worker(ConsumerMixin):
                 or (self._can_consume is not None and not self._can_consume())):
             self._complete(self.pool.collect(0.05))
             self._dispatch()
+            self._ack_started()
         if self._flush_acks is not None:
             self._flush_acks()
         if self._warm:

@@ -15,6 +15,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_tasks import Tasks
+from flask_tasks.exceptions import SoftTimeLimitExceeded
 
 tasks = Tasks()
 db = SQLAlchemy()
@@ -122,6 +123,21 @@ def record(tag: str, seconds: float) -> str:
         out.write(f"{tag} {os.getpid()}\n")
     time.sleep(seconds)
     return tag
+
+
+@tasks.task(bind=True, time_limit=1.0)
+def overrun(self, seconds: float) -> str:
+    time.sleep(seconds)
+    return "finished"
+
+
+@tasks.task(soft_time_limit=0.5)
+def cleans_up(seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "finished"
 
 
 @tasks.task(queue="hipri")
