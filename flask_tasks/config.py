@@ -93,6 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TASKS_SOFT_TIME_LIMIT", "soft_time_limit", None, (int, float),
             "Seconds after which ``SoftTimeLimitExceeded`` is raised inside the task (prefork "
             "and solo pools) so it can clean up. None: no limit."),
+    Setting("TASKS_ANNOTATIONS", "annotations", None, (dict,),
+            "Options for tasks by name (``'*'`` for all), applied by the worker: "
+            "``{'shop.send_mail': {'rate_limit': '10/m'}}``. Today: ``rate_limit``."),
     Setting("TASKS_RESULT_EXPIRES", "result_expires", 86400.0, (int, float),
             "Seconds a stored result is kept (0 or None: forever)."),
     Setting("TASKS_RESULT_EXTENDED", "result_extended", False, (bool,),
@@ -145,6 +148,7 @@ class Config:
     reject_on_worker_lost: bool = False
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    annotations: Mapping[str, Any] | None = None
     poison_max_deliveries: int = 3
     result_expires: float | None = 86400.0
     result_extended: bool = False

@@ -30,6 +30,7 @@ from typing import Any
 from flask import Flask
 from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerMixin
+from kombu.utils.limits import TokenBucket
 
 from .. import states
 from ..exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
@@ -38,6 +39,7 @@ from ..protocol import Message as ProtocolMessage
 from ..protocol import check_headers, parse_datetime
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
+from ..routing import parse_rate
 from ..signals import (
     send_robust,
     task_received,
@@ -130,6 +132,7 @@ class Worker(ConsumerMixin):
         self._ack_on_start = isinstance(self.pool, PreforkPool)
         self._tags = itertools.count(1)
         self._buffer: deque[tuple[int, Message, bool, bool]] = deque()
+        self._buckets: dict[str, TokenBucket | None] = {}  # task name -> its rate limit
         self._inflight: dict[int, _Delivery] = {}
         self._consumers: list[Consumer] = []
         self._warm = False
@@ -300,9 +303,39 @@ class Worker(ConsumerMixin):
         return True
 
     # -- dispatch and completion -------------------------------------------------------
+    def _bucket(self, name: str) -> TokenBucket | None:
+        """The rate limit of task ``name`` in this worker (annotations, then the task)."""
+        if name not in self._buckets:
+            annotations = self.state.config.annotations or {}
+            options = {**annotations.get("*", {}), **annotations.get(name, {})}
+            task = self.state.get_task(name)
+            limit = options.get("rate_limit") or (task.rate_limit if task else None)
+            self._buckets[name] = None
+            if limit:
+                try:
+                    rate = parse_rate(limit)
+                except ValueError as exc:
+                    logger.error("Task %s: %s; running it without a rate limit", name, exc)
+                else:
+                    # Up to 0.1 s worth at once: the loop looks again at least that often.
+                    self._buckets[name] = TokenBucket(rate, capacity=max(1.0, rate / 10))
+        return self._buckets[name]
+
+    def _next_allowed(self) -> tuple[int, Message, bool, bool] | None:
+        """Take the first buffered message whose task's rate limit allows it now."""
+        for position, entry in enumerate(self._buffer):
+            bucket = self._bucket(entry[1].headers["task"])
+            if bucket is None or bucket.can_consume(1):
+                del self._buffer[position]
+                return entry
+        return None
+
     def _dispatch(self) -> None:
         while self._buffer and self.pool.free() > 0 and not self._warm:
-            tag, message, acks_late, again_if_lost = self._buffer.popleft()
+            entry = self._next_allowed()
+            if entry is None:  # all waiting on their rate limits
+                return
+            tag, message, acks_late, again_if_lost = entry
             headers = message.headers
             delivery = _Delivery(message, acks_late, headers["task"], headers["id"],
                                  again_if_lost=again_if_lost,

@@ -140,6 +140,11 @@ def cleans_up(seconds: float) -> str:
     return "finished"
 
 
+@tasks.task(rate_limit="5/s")
+def limited(n: int) -> int:
+    return n
+
+
 @tasks.task(queue="hipri")
 def on_hipri() -> str:
     return "hipri"
