@@ -61,3 +61,11 @@ def test_parse_rate_rejects(value: str) -> None:
 
     with pytest.raises(ValueError, match="rate_limit"):
         parse_rate(value)
+
+
+def test_every_setting_is_documented() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    missing = [s.key for s in SETTINGS if f"`{s.key}`" not in page]
+    assert not missing, f"not in docs/configuration.md: {missing}"
