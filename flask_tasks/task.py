@@ -271,16 +271,8 @@ class Task(Generic[P, R]):
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
         state = self._state()
-        if on_commit:
-            return state.send_on_commit(  # type: ignore[return-value]
-                self.name, args, kwargs, task=self, countdown=countdown, eta=eta,
-                expires=expires, queue=queue, priority=priority, task_id=task_id, link=link,
-                link_error=link_error, retry=retry, retry_policy=retry_policy,
-                serializer=serializer, compression=compression, headers=headers,
-                ignore_result=ignore_result, time_limit=time_limit,
-                soft_time_limit=soft_time_limit, **options,
-            )
-        return state.send_task(  # type: ignore[return-value]
+        send = state.send_on_commit if on_commit else state.send_task
+        return send(  # type: ignore[return-value]
             self.name, args, kwargs, task=self, countdown=countdown, eta=eta,
             expires=expires, queue=queue, priority=priority, task_id=task_id, link=link,
             link_error=link_error, retry=retry, retry_policy=retry_policy,

@@ -75,3 +75,16 @@ def basic_app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def redis_env(redis_url: str) -> dict[str, str]:
     """Environment for a worker of ``tests.apps.basic`` on the test's Redis."""
     return {"TEST_BROKER_URL": redis_url, "TEST_RESULT_BACKEND": redis_url}
+
+
+@pytest.fixture()
+def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    """``tests.apps.basic`` on the embedded default (instance folder ``tmp_path``), in an app context."""
+    from tests.apps import basic
+
+    monkeypatch.delenv("TEST_BROKER_URL", raising=False)
+    monkeypatch.delenv("TEST_RESULT_BACKEND", raising=False)
+    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
+    app = basic.create_app()
+    with app.app_context():
+        yield app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -78,16 +77,6 @@ def test_expired_task_is_not_run(basic_app: Flask, redis_env: dict[str, str],
     assert result.state == states.REVOKED
     assert not (tmp_path / "runs.txt").exists()
     worker.wait_output("expired at")
-
-
-@pytest.fixture()
-def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    monkeypatch.delenv("TEST_BROKER_URL", raising=False)
-    monkeypatch.delenv("TEST_RESULT_BACKEND", raising=False)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    app = basic.create_app()
-    with app.app_context():
-        yield app
 
 
 def test_countdown_on_the_embedded_broker(embedded_app: Flask, start_worker) -> None:

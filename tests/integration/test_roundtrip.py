@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -13,16 +11,6 @@ from flask_tasks import states
 from tests.apps import basic
 
 APP = "tests.apps.basic:create_app"
-
-
-@pytest.fixture()
-def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    monkeypatch.delenv("TEST_BROKER_URL", raising=False)
-    monkeypatch.delenv("TEST_RESULT_BACKEND", raising=False)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    app = basic.create_app()
-    with app.app_context():
-        yield app
 
 
 def worker_env(url: str | None) -> dict[str, str]:
