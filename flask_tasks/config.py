@@ -96,6 +96,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TASKS_ANNOTATIONS", "annotations", None, (dict,),
             "Options for tasks by name (``'*'`` for all), applied by the worker: "
             "``{'shop.send_mail': {'rate_limit': '10/m'}}``. Today: ``rate_limit``."),
+    Setting("TASKS_REVOKES_EXPIRES", "revokes_expires", 10800.0, (int, float),
+            "Seconds a revoke is kept: a worker that meets the task within that time "
+            "(even one started after the revoke) does not run it."),
     Setting("TASKS_RESULT_EXPIRES", "result_expires", 86400.0, (int, float),
             "Seconds a stored result is kept (0 or None: forever)."),
     Setting("TASKS_RESULT_EXTENDED", "result_extended", False, (bool,),
@@ -149,6 +152,7 @@ class Config:
     time_limit: float | None = None
     soft_time_limit: float | None = None
     annotations: Mapping[str, Any] | None = None
+    revokes_expires: float = 10800.0
     poison_max_deliveries: int = 3
     result_expires: float | None = 86400.0
     result_extended: bool = False

@@ -12,6 +12,7 @@ from flask import Flask, current_app, has_app_context
 from . import config as config_module
 from .registry import Registry, shared_registry
 from .result import AsyncResult
+from .control import Control
 from .state import AppState
 from .task import Task, make_task
 
@@ -143,7 +144,12 @@ class Tasks:
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         """The :class:`AsyncResult` of ``task_id`` on the current app's result backend."""
-        return AsyncResult(task_id, self._current_state().backend)
+        return self._current_state().result(task_id)
+
+    @property
+    def control(self) -> Control:
+        """Remote control of workers: ``tasks.control.revoke(task_id, terminate=False)``."""
+        return Control(self._current_state)
 
 
 @overload

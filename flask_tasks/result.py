@@ -31,11 +31,11 @@ class AsyncResult(Generic[R]):
     """
 
     def __init__(self, id: str, backend: Backend, task_name: str | None = None,
-                 revoke: Callable[..., None] | None = None) -> None:
+                 revokes_expires: float = 10800.0) -> None:
         self.id = id
         self.backend = backend
         self.task_name = task_name
-        self._revoke = revoke
+        self.revokes_expires = revokes_expires
         self._cache: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -139,14 +139,20 @@ class AsyncResult(Generic[R]):
         self._cache = None
         self.backend.forget(self.id)
 
-    def revoke(self, terminate: bool = False, signal: str = "SIGTERM") -> None:
-        """Ask workers not to run the task (and, with ``terminate``, to stop it).
+    def revoke(self, terminate: bool = False, signal: str = "SIGKILL") -> None:
+        """Make sure the task does not run; with ``terminate``, stop it if it runs.
 
-        :raises NotImplementedError: this version has no remote control yet.
+        The revoke is stored in the result backend for ``TASKS_REVOKES_EXPIRES``
+        seconds (3 hours by default); every worker, also one started later,
+        reads it at most 0.5 s later and does not start the task (state
+        REVOKED). With ``terminate=True`` a prefork worker running it kills
+        the process (``signal`` is accepted for Celery compatibility; the
+        process is always killed with SIGKILL).
+
+        :raises NotImplementedError: the result backend cannot store revokes
+            (``RESULT_BACKEND = "disabled"``).
         """
-        if self._revoke is None:
-            raise NotImplementedError("revoke() needs remote control, which comes in a later version")
-        self._revoke(self.id, terminate=terminate, signal=signal)
+        self.backend.revoke(self.id, terminate, self.revokes_expires)
 
 
 class EagerResult(AsyncResult[R]):

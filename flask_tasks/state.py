@@ -143,6 +143,11 @@ class AppState:
             )
         return self._publisher
 
+    def result(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]:
+        """An :class:`AsyncResult` for ``task_id`` on this app's backend."""
+        return AsyncResult(task_id, self.backend, task_name=task_name,
+                           revokes_expires=self.config.revokes_expires)
+
     def get_task(self, name: str) -> Task[Any, Any] | None:
         """The task registered as ``name`` on this app's ``Tasks`` or as a shared task."""
         return self.tasks.registry.get(name) or shared_registry.get(name)
@@ -223,7 +228,7 @@ class AppState:
         )
         send_robust(after_task_publish, name, body=message.body_tuple, headers=message.headers,
                     exchange=queue_obj.exchange.name, routing_key=queue_obj.routing_key)
-        return AsyncResult(task_id, self.backend, task_name=name)
+        return self.result(task_id, name)
 
     def send_on_commit(self, name: str, args: Sequence[Any] | None = None,
                        kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
@@ -251,7 +256,7 @@ class AppState:
             event.listen(session, "after_commit", _publish_pending)
             event.listen(session, "after_transaction_end", _drop_pending)
         pending.append((self, name, args, kwargs, task_id, options))
-        return AsyncResult(task_id, self.backend, task_name=name)
+        return self.result(task_id, name)
 
     def apply_eagerly(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                       *, task_id: str | None = None, throw: bool | None = None,

@@ -307,7 +307,7 @@ class Task(Generic[P, R]):
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:  # noqa: N802 - Celery's name
         """An :class:`AsyncResult` for ``task_id`` on the current app's backend."""
-        return AsyncResult(task_id, self._state().backend, task_name=self.name)
+        return self._state().result(task_id, self.name)
 
     # -- inside a running task -------------------------------------------------
     @property

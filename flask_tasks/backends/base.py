@@ -249,6 +249,17 @@ class Backend:
         """Delete the stored result of ``task_id`` (it reads as PENDING afterwards)."""
         self._delete(task_id)
 
+    def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+        """Record that ``task_id`` must not run (and, with ``terminate``, be stopped).
+
+        :param expires: seconds the record is kept (workers started later see it).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot store revokes")
+
+    def revoked(self) -> dict[str, bool]:
+        """The unexpired revokes: task id -> terminate."""
+        return {}
+
     def cleanup(self) -> int:
         """Remove expired results where the store does not do it itself.
 

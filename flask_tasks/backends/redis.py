@@ -21,6 +21,7 @@ from ..exceptions import TimeoutError
 from .base import Backend, OnMessage
 
 KEY_PREFIX = "celery-task-meta-"
+REVOKED_KEY = "flask_tasks-revoked"
 
 
 class RedisBackend(Backend):
@@ -119,6 +120,22 @@ class RedisBackend(Backend):
             return meta
         finally:
             pubsub.close()
+
+    def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+        """Add ``task_id`` to the sorted set ``flask_tasks-revoked`` (score: expiry time)."""
+        execute(self.client, ("ZADD", REVOKED_KEY, time.time() + expires,
+                              f"{task_id}|{int(terminate)}"))
+
+    def revoked(self) -> dict[str, bool]:
+        """Unexpired revokes (expired ones are removed on the way)."""
+        now = time.time()
+        _, members = execute(self.client, ("ZREMRANGEBYSCORE", REVOKED_KEY, "-inf", now),
+                             ("ZRANGEBYSCORE", REVOKED_KEY, now, "+inf"))
+        found: dict[str, bool] = {}
+        for member in members:
+            task_id, _, terminate = member.decode().rpartition("|")
+            found[task_id] = found.get(task_id, False) or terminate == "1"
+        return found
 
     def reset_after_fork(self) -> None:
         self._client = None

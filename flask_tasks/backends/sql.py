@@ -113,6 +113,15 @@ taskmeta = Table(
 )
 
 
+revoked_table = Table(
+    "flask_tasks_revoked",
+    metadata,
+    Column("task_id", String(155), primary_key=True),
+    Column("terminate", Integer, nullable=False, default=0),
+    Column("expires_at", DateTime, nullable=False),
+)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -169,10 +178,10 @@ class SQLBackend(Backend):
         if self._engine is None:
             engine = self._engine_factory() if self._engine_factory else make_engine(self.url or "")
             try:
-                metadata.create_all(engine, tables=[taskmeta], checkfirst=True)
+                metadata.create_all(engine, tables=[taskmeta, revoked_table], checkfirst=True)
             except (OperationalError, ProgrammingError):
                 # Another process created it between our check and CREATE TABLE.
-                if not inspect(engine).has_table(taskmeta.name):
+                if not all(inspect(engine).has_table(t.name) for t in (taskmeta, revoked_table)):
                     raise
             self._engine = engine
         return self._engine
@@ -228,6 +237,28 @@ class SQLBackend(Backend):
     def _delete(self, task_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(taskmeta).where(taskmeta.c.task_id == task_id))
+
+    def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+        """Record a revoke in ``flask_tasks_revoked`` (kept ``expires`` seconds)."""
+        until = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=expires)
+        values = {"terminate": int(terminate), "expires_at": until}
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(revoked_table)
+                                   .where(revoked_table.c.task_id == task_id).values(**values))
+            if not changed.rowcount:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(revoked_table).values(task_id=task_id, **values))
+                except IntegrityError:
+                    pass  # revoked meanwhile by someone else
+
+    def revoked(self) -> dict[str, bool]:
+        """Unexpired revokes (expired ones are removed on the way)."""
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        with self.engine.begin() as conn:
+            conn.execute(delete(revoked_table).where(revoked_table.c.expires_at <= now))
+            rows = conn.execute(select(revoked_table.c.task_id, revoked_table.c.terminate))
+            return {row.task_id: bool(row.terminate) for row in rows}
 
     def cleanup(self) -> int:
         """Delete results older than ``expires`` seconds; returns how many."""

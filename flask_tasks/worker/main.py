@@ -33,7 +33,7 @@ from kombu.mixins import ConsumerMixin
 from kombu.utils.limits import TokenBucket
 
 from .. import states
-from ..exceptions import NotRegistered, TimeLimitExceeded, WorkerLostError
+from ..exceptions import NotRegistered, TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from ..extension import Tasks
 from ..protocol import Message as ProtocolMessage
 from ..protocol import check_headers, parse_datetime
@@ -43,6 +43,7 @@ from ..routing import parse_rate
 from ..signals import (
     send_robust,
     task_received,
+    task_revoked,
     worker_process_init,
     worker_ready,
     worker_shutdown,
@@ -61,6 +62,8 @@ EX_COLD = 2
 CLEANUP_INTERVAL = 3600.0
 #: Header counting how often a message's task killed its pool process.
 LOST_HEADER = "x-flask-tasks-lost"
+#: Seconds between reads of the revoked task ids.
+REVOKE_INTERVAL = 0.5
 #: Seconds between moves of due delayed messages into their queues.
 MOVE_INTERVAL = 0.2
 
@@ -80,6 +83,7 @@ class _Delivery:
     time_limit: float | None = None
     started_at: float | None = None
     timed_out: bool = False
+    terminated: bool = False  # revoked with terminate=True while running
 
 
 class Worker(ConsumerMixin):
@@ -133,6 +137,8 @@ class Worker(ConsumerMixin):
         self._tags = itertools.count(1)
         self._buffer: deque[tuple[int, Message, bool, bool]] = deque()
         self._buckets: dict[str, TokenBucket | None] = {}  # task name -> its rate limit
+        self._revoked: dict[str, bool] = {}  # task id -> terminate (from the backend)
+        self._last_revoke_check = 0.0
         self._inflight: dict[int, _Delivery] = {}
         self._consumers: list[Consumer] = []
         self._warm = False
@@ -200,6 +206,7 @@ class Worker(ConsumerMixin):
         # events only sleeps; the pool is what to wait on then.
         qos = getattr(channel, "qos", None)
         self._can_consume = getattr(qos, "can_consume", None)
+        self._refresh_revoked()
         if not getattr(self, "_ready_sent", False):
             self._ready_sent = True
             logger.info("%s ready.", self.hostname)
@@ -250,6 +257,9 @@ class Worker(ConsumerMixin):
             except Exception:
                 logger.exception("Could not store the failure of %s", task_id)
             message.reject(requeue=False)
+            return
+        if task_id in self._revoked:
+            self._drop_revoked(message, name, task_id)
             return
         if self._delay(message, name, task_id):
             return
@@ -337,6 +347,9 @@ class Worker(ConsumerMixin):
                 return
             tag, message, acks_late, again_if_lost = entry
             headers = message.headers
+            if headers["id"] in self._revoked:  # revoked while it waited here
+                self._drop_revoked(message, headers["task"], headers["id"])
+                continue
             delivery = _Delivery(message, acks_late, headers["task"], headers["id"],
                                  again_if_lost=again_if_lost,
                                  time_limit=self._time_limit(headers) if self._ack_on_start
@@ -381,6 +394,10 @@ class Worker(ConsumerMixin):
             if not delivery.acks_late and not delivery.acked:
                 self._settle(delivery.message, ACK)
                 delivery.acked = True
+            if self._revoked.get(delivery.task_id) and not delivery.terminated:
+                logger.warning("Task %s[%s] was revoked with terminate=True: killing its "
+                               "process", delivery.name, delivery.task_id)
+                delivery.terminated = self.pool.terminate_job(tag)  # type: ignore[attr-defined]
             if delivery.time_limit and not delivery.timed_out \
                     and now - delivery.started_at > delivery.time_limit:
                 logger.error("Task %s[%s] ran past its time limit of %s s: killing its process",
@@ -396,6 +413,9 @@ class Worker(ConsumerMixin):
             action = outcome.action
             if action == SKIP:  # queued, never started (warm shutdown): back to the queue
                 action = REQUEUE
+            elif action == LOST and delivery.terminated:
+                self._store_revoked(delivery.name, delivery.task_id, terminated=True)
+                action = ACK
             elif action == LOST and delivery.timed_out:
                 self._worker_lost(delivery.name, delivery.task_id, "", TimeLimitExceeded(
                     f"Task {delivery.name}[{delivery.task_id}] ran past its time limit of "
@@ -445,6 +465,31 @@ class Worker(ConsumerMixin):
         logger.warning("Task %s[%s] will run again (%s; %d of %d)", delivery.name,
                        delivery.task_id, reason, lost, limit)
 
+    def _refresh_revoked(self) -> None:
+        """Read the revokes from the result backend (every :data:`REVOKE_INTERVAL` seconds)."""
+        self._last_revoke_check = time.monotonic()
+        try:
+            self._revoked = self.state.backend.revoked()
+        except Exception as exc:  # a backend that cannot, or a passing error: keep the last
+            logger.debug("Reading revokes failed: %s", exc)
+
+    def _drop_revoked(self, message: Message, name: str, task_id: str) -> None:
+        self._settle(message, ACK)
+        self._store_revoked(name, task_id, terminated=False)
+
+    def _store_revoked(self, name: str, task_id: str, terminated: bool) -> None:
+        exc = TaskRevokedError(f"Task {name}[{task_id}] was revoked"
+                               + ("; its process was killed." if terminated else ": not run."))
+        logger.warning("%s", exc)
+        try:
+            self.state.backend.store_result(task_id, exc, states.REVOKED, str(exc))
+        except Exception:
+            logger.exception("Could not store the revocation of %s", task_id)
+        task = self.state.get_task(name)
+        if task is not None:
+            send_robust(task_revoked, task, request=None, terminated=terminated,
+                        signum=9 if terminated else None, expired=False)
+
     def _worker_lost(self, name: str, task_id: str, reason: str,
                      exc: BaseException | None = None) -> None:
         exc = exc or WorkerLostError(reason)
@@ -466,6 +511,8 @@ class Worker(ConsumerMixin):
                 (self._buffer and self.pool.free() == 0)
                 or (self._can_consume is not None and not self._can_consume())):
             self._complete(self.pool.collect(0.05))
+            if time.monotonic() - self._last_revoke_check > REVOKE_INTERVAL:
+                self._refresh_revoked()
             self._dispatch()
             self._ack_started()
         if self._flush_acks is not None:
@@ -474,6 +521,8 @@ class Worker(ConsumerMixin):
             self._drain_for_shutdown()
             return
         now = time.monotonic()
+        if now - self._last_revoke_check > REVOKE_INTERVAL:
+            self._refresh_revoked()
         if self._move_due is not None and now - self._last_move > MOVE_INTERVAL:
             self._last_move = now
             self._move_due_messages()

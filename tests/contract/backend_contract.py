@@ -70,5 +70,13 @@ def celery_layout(backend: Backend) -> None:
     assert {"status", "result", "traceback", "children", "date_done", "task_id"} <= set(meta)
 
 
+def revokes(backend: Backend) -> None:
+    assert backend.revoked() == {}
+    backend.revoke("r1", False, 60)
+    backend.revoke("r2", True, 60)
+    backend.revoke("gone", False, -1)  # already expired
+    assert backend.revoked() == {"r1": False, "r2": True}
+
+
 CASES = [unknown_id_is_pending, success_round_trip, failure_round_trip, custom_state,
-         overwrite_keeps_latest, forget, get_wakes_when_stored, celery_layout]
+         overwrite_keeps_latest, forget, get_wakes_when_stored, celery_layout, revokes]
