@@ -37,17 +37,22 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real ``redis-server`` on 127.0.0.1:<free port>, without persistence.
+    """A real ``redis-server`` on 127.0.0.1:<free port>.
 
     :param binary: the ``redis-server`` executable.
     :param workdir: its working folder.
+    :param persistent: append-only file with fsync on every write (survives restarts);
+        default: nothing is kept.
     """
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", str(workdir)]
+                    "--dir", str(workdir)]
+        # persistent: every write is on disk before it is answered, so a restart keeps it
+        self.cmd += ["--appendonly", "yes", "--appendfsync", "always"] if persistent \
+            else ["--appendonly", "no"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _answers(self) -> bool:
