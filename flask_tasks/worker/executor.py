@@ -116,15 +116,17 @@ class _SoftLimit:
             signal.signal(signal.SIGALRM, self.previous or signal.SIG_DFL)
 
 
-def time_limits(task: Task[Any, Any], request: Request, config: Any) -> tuple[float | None,
-                                                                              float | None]:
-    """(hard, soft) seconds for this call: the message's, else the task's, else the worker's."""
-    hard, soft = request.timelimit
-    hard = hard if hard is not None else task.time_limit if task.time_limit is not None \
-        else config.time_limit
-    soft = soft if soft is not None else task.soft_time_limit \
-        if task.soft_time_limit is not None else config.soft_time_limit
-    return hard, soft
+def time_limits(task: Task[Any, Any], timelimit: Any, config: Any) -> tuple[float | None,
+                                                                            float | None]:
+    """(hard, soft) seconds for a call: the message's, else the task's, else the worker's.
+
+    :param timelimit: the message's ``timelimit`` header, ``[hard, soft]`` (may be None).
+    """
+    hard, soft = timelimit if isinstance(timelimit, (list, tuple)) and len(timelimit) == 2 \
+        else (None, None)
+    first = [v for v in (hard, task.time_limit, config.time_limit) if v is not None]
+    second = [v for v in (soft, task.soft_time_limit, config.soft_time_limit) if v is not None]
+    return (float(first[0]) if first else None, float(second[0]) if second else None)
 
 
 def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request, *,
@@ -154,8 +156,8 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
             send_robust(task_prerun, task, task_id=task_id, task=task, args=args, kwargs=kwargs)
             try:
                 _call_handler(task, "before_start", task_id, args, kwargs)
-                with _SoftLimit(None if request.is_eager else time_limits(task, request,
-                                                                          config)[1]):
+                with _SoftLimit(None if request.is_eager
+                                else time_limits(task, request.timelimit, config)[1]):
                     retval = _run(task, args, kwargs)
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
@@ -248,7 +250,7 @@ def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: BaseExc
     _call_handler(task, "on_failure", exc, request.id, request.args, request.kwargs, text)
     send_robust(task_failure, task, task_id=request.id, exception=exc, args=request.args,
                 kwargs=request.kwargs, traceback=text, einfo=text)
-    if isinstance(exc, task.throws) if task.throws else False:
+    if task.throws and isinstance(exc, task.throws):
         logger.info("Task %s[%s] raised expected: %r", task.name, request.id, exc)
     elif isinstance(exc, EncodeError):
         logger.error("Task %s[%s] failed: %s", task.name, request.id, exc)

@@ -49,7 +49,7 @@ from ..signals import (
     worker_shutdown,
 )
 from ..state import AppState
-from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, execute
+from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, execute, time_limits
 from .pools import LOST, POOLS, PreforkPool
 
 logger = logging.getLogger("flask_tasks.worker")
@@ -144,6 +144,8 @@ class Worker(ConsumerMixin):
         self._warm = False
         self._cold = False
         self._last_cleanup = time.monotonic()
+        self._ready_sent = False  # worker_ready is sent once, not on every reconnect
+        self._warned_eta = False
         # Hooks of kombu's emulated QoS (Redis, embedded), found on connect.
         self._flush_acks: Callable[..., None] | None = None
         self._can_consume: Callable[[], bool] | None = None
@@ -207,7 +209,7 @@ class Worker(ConsumerMixin):
         qos = getattr(channel, "qos", None)
         self._can_consume = getattr(qos, "can_consume", None)
         self._refresh_revoked()
-        if not getattr(self, "_ready_sent", False):
+        if not self._ready_sent:
             self._ready_sent = True
             logger.info("%s ready.", self.hostname)
             send_robust(worker_ready, self)
@@ -277,15 +279,12 @@ class Worker(ConsumerMixin):
         self._buffer.append((next(self._tags), message, acks_late, acks_late and again))
         self._dispatch()
 
-    def _time_limit(self, headers: dict[str, Any]) -> float | None:
-        """The hard time limit of a message: its header's, its task's, or the worker's."""
-        limits = headers.get("timelimit") or (None, None)
-        hard = limits[0] if isinstance(limits, (list, tuple)) and limits else None
-        if hard is None:
-            task = self.state.get_task(headers["task"])
-            hard = task.time_limit if task is not None and task.time_limit is not None \
-                else self.state.config.time_limit
-        return float(hard) if hard else None
+    def _hard_limit(self, headers: dict[str, Any]) -> float | None:
+        """The hard time limit of a message (enforced by the prefork pool only)."""
+        task = self.state.get_task(headers["task"])
+        if not self._ack_on_start or task is None:
+            return None
+        return time_limits(task, headers.get("timelimit"), self.state.config)[0]
 
     def _delay(self, message: Message, name: str, task_id: str) -> bool:
         """Send a message that came before its ``eta`` back to the broker's delayed store.
@@ -296,7 +295,7 @@ class Worker(ConsumerMixin):
         if eta is None or eta.timestamp() <= time.time() + 0.05:
             return False
         if self._schedule is None:
-            if not getattr(self, "_warned_eta", False):
+            if not self._warned_eta:
                 self._warned_eta = True
                 logger.warning("This broker keeps no delayed messages: tasks with an eta or "
                                "countdown run as soon as they arrive (Redis and the embedded "
@@ -352,8 +351,7 @@ class Worker(ConsumerMixin):
                 continue
             delivery = _Delivery(message, acks_late, headers["task"], headers["id"],
                                  again_if_lost=again_if_lost,
-                                 time_limit=self._time_limit(headers) if self._ack_on_start
-                                 else None)
+                                 time_limit=self._hard_limit(headers))
             self._inflight[tag] = delivery
             if not acks_late and not self._ack_on_start:
                 self._settle(message, ACK)
