@@ -101,6 +101,20 @@ SETTINGS: tuple[Setting, ...] = (
             "(even one started after the revoke) does not run it."),
     Setting("TASKS_RESULT_EXPIRES", "result_expires", 86400.0, (int, float),
             "Seconds a stored result is kept (0 or None: forever)."),
+    Setting("TASKS_RESULT_BACKEND_ALWAYS_RETRY", "result_backend_always_retry", True, (bool,),
+            "Retry result-backend writes (results, revokes, forget) that fail because the "
+            "store is unreachable, so a result survives a Redis or database restart. "
+            "(Celery's default is False.)"),
+    Setting("TASKS_RESULT_BACKEND_MAX_RETRIES", "result_backend_max_retries", None, (int,),
+            "Retries of one result-backend write before giving up (None: never give up; "
+            "a pool process then waits for the store to come back)."),
+    Setting("TASKS_RESULT_BACKEND_BASE_SLEEP_BETWEEN_RETRIES",
+            "result_backend_base_sleep_between_retries", 0.01, (int, float),
+            "Seconds before the first retry of a result-backend write; doubled on each "
+            "retry, with full jitter (Celery's ..._MS setting, in seconds)."),
+    Setting("TASKS_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES",
+            "result_backend_max_sleep_between_retries", 10.0, (int, float),
+            "Longest wait, in seconds, between two retries of a result-backend write."),
     Setting("TASKS_RESULT_EXTENDED", "result_extended", False, (bool,),
             "Also store the task name, args, kwargs, worker, retries and queue with the result."),
     Setting("TASKS_PUBLISH_RETRY", "publish_retry", True, (bool,),
@@ -155,6 +169,10 @@ class Config:
     revokes_expires: float = 10800.0
     poison_max_deliveries: int = 3
     result_expires: float | None = 86400.0
+    result_backend_always_retry: bool = True
+    result_backend_max_retries: int | None = None
+    result_backend_base_sleep_between_retries: float = 0.01
+    result_backend_max_sleep_between_retries: float = 10.0
     result_extended: bool = False
     publish_retry: bool = True
     publish_retry_policy: Mapping[str, Any] = field(

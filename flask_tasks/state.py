@@ -43,8 +43,14 @@ def make_backend(url: str | None, config: Config,
 
     :raises ImproperlyConfigured: the URL's scheme is not one we support.
     """
-    common: dict[str, Any] = {"serializer": config.result_serializer,
-                              "expires": config.result_expires}
+    common: dict[str, Any] = {
+        "serializer": config.result_serializer,
+        "expires": config.result_expires,
+        "always_retry": config.result_backend_always_retry,
+        "max_retries": config.result_backend_max_retries,
+        "base_sleep": config.result_backend_base_sleep_between_retries,
+        "max_sleep": config.result_backend_max_sleep_between_retries,
+    }
     if url is None:
         if not config.embedded_dir:
             raise ImproperlyConfigured("RESULT_BACKEND is unset and the app has no instance "

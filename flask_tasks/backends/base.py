@@ -15,6 +15,8 @@ that type can be found in an already imported module.
 from __future__ import annotations
 
 import builtins
+import logging
+import random
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +29,8 @@ from .. import states
 from ..exceptions import DecodeError, EncodeError, TimeoutError
 
 OnMessage = Callable[[dict[str, Any]], None]
+
+logger = logging.getLogger("flask_tasks.backends")
 
 _rebuilt: dict[tuple[str, str], type[BaseException]] = {}
 
@@ -80,10 +84,18 @@ class Backend:
     :param serializer: kombu serializer name for stored values (default ``json``).
     :param expires: seconds a result is kept; ``None`` keeps it forever.
     :param accept: content types allowed when decoding (default: the serializer's).
+    :param always_retry: retry writes (results, revokes, ``forget``) that fail
+        because the store is unreachable (:meth:`exception_safe_to_retry`),
+        so a task's result survives a restart of the store (default True).
+    :param max_retries: give up after this many retries (None, the default:
+        never give up).
+    :param base_sleep: seconds before the first retry; the wait doubles on each
+        retry (with full jitter) up to ``max_sleep`` seconds (defaults 0.01, 10).
 
     Subclasses implement :meth:`_set`, :meth:`_get`, :meth:`_delete` and may
-    override :meth:`wait_for` (when they can be woken instead of polled) and
-    :meth:`cleanup` (when expired results are not removed by the store itself).
+    override :meth:`wait_for` (when they can be woken instead of polled),
+    :meth:`cleanup` (when expired results are not removed by the store itself)
+    and :meth:`exception_safe_to_retry`.
     """
 
     #: True when :meth:`wait_for` must poll (``interval`` applies).
@@ -100,11 +112,19 @@ class Backend:
         serializer: str = "json",
         expires: float | None = 86400.0,
         accept: set[str] | None = None,
+        always_retry: bool = True,
+        max_retries: int | None = None,
+        base_sleep: float = 0.01,
+        max_sleep: float = 10.0,
     ) -> None:
         self.serializer = serializer
         self.content_type = registry.name_to_type.get(serializer, serializer)
         self.expires = expires
         self.accept = accept if accept is not None else {self.content_type}
+        self.always_retry = always_retry
+        self.max_retries = max_retries
+        self.base_sleep = base_sleep
+        self.max_sleep = max_sleep
 
     # -- the storage contract ------------------------------------------------
     def _set(self, task_id: str, meta: dict[str, Any]) -> None:
@@ -115,6 +135,43 @@ class Backend:
 
     def _delete(self, task_id: str) -> None:
         raise NotImplementedError
+
+    def _revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot store revokes")
+
+    # -- retrying writes -----------------------------------------------------
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the store could not be reached (the write may be retried)."""
+        return False
+
+    def retrying(self, write: Callable[[], Any], what: str) -> Any:
+        """Call ``write()``; while it fails with an error safe to retry, wait and call it again.
+
+        Waits grow from :attr:`base_sleep` to :attr:`max_sleep` seconds
+        (exponential, full jitter); a warning is logged on the first retry
+        and on every power of two after it.
+
+        :param what: what is being written, for the log ("the result of <id>").
+        :returns: what ``write`` returned.
+        :raises Exception: ``write``'s error when it is not safe to retry, when
+            :attr:`always_retry` is off, or after :attr:`max_retries` retries.
+        """
+        retries = 0
+        while True:
+            try:
+                return write()
+            except Exception as exc:
+                if not (self.always_retry and self.exception_safe_to_retry(exc)):
+                    raise
+                if self.max_retries is not None and retries >= self.max_retries:
+                    logger.error("Gave up writing %s after %d retries: %s", what, retries, exc)
+                    raise
+                retries += 1
+                wait = random.uniform(0.0, min(self.max_sleep, self.base_sleep * 2 ** retries))
+                if retries & (retries - 1) == 0:  # 1, 2, 4, 8...
+                    logger.warning("Writing %s failed (%s: %s); retry %d in %.2f s",
+                                   what, type(exc).__name__, exc, retries, wait)
+                time.sleep(wait)
 
     # -- encoding ------------------------------------------------------------
     def encode(self, value: Any) -> bytes:
@@ -199,14 +256,17 @@ class Backend:
         if defer and self.batching:
             self._defer(task_id, meta)
         else:
-            self._set(task_id, meta)
+            self.retrying(lambda: self._set(task_id, meta), f"the {state} result of {task_id}")
 
     def _defer(self, task_id: str, meta: dict[str, Any]) -> None:
         """Queue a write for :meth:`flush` (backends that cannot batch write now)."""
-        self._set(task_id, meta)
+        self.retrying(lambda: self._set(task_id, meta), f"the {meta['status']} result of {task_id}")
 
     def flush(self) -> None:
-        """Write what :meth:`store_result` deferred, in as few round trips as possible."""
+        """Write what :meth:`store_result` deferred, in as few round trips as possible.
+
+        Retried like every write; what could not be written stays queued.
+        """
 
     def get_task_meta(self, task_id: str) -> dict[str, Any]:
         """Return the stored meta, or a PENDING meta for an unknown id."""
@@ -247,14 +307,16 @@ class Backend:
 
     def forget(self, task_id: str) -> None:
         """Delete the stored result of ``task_id`` (it reads as PENDING afterwards)."""
-        self._delete(task_id)
+        self.retrying(lambda: self._delete(task_id), f"the deletion of {task_id}")
 
     def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
         """Record that ``task_id`` must not run (and, with ``terminate``, be stopped).
 
         :param expires: seconds the record is kept (workers started later see it).
+        :raises NotImplementedError: the backend cannot store revokes.
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot store revokes")
+        self.retrying(lambda: self._revoke(task_id, terminate, expires),
+                      f"the revoke of {task_id}")
 
     def revoked(self) -> dict[str, bool]:
         """The unexpired revokes: task id -> terminate."""

@@ -65,10 +65,17 @@ class RedisBackend(Backend):
         self._pending.extend(self._commands(task_id, meta))
 
     def flush(self) -> None:
-        """Store every deferred result in one round trip."""
+        """Store every deferred result in one round trip (retried; kept until written)."""
         if self._pending:
-            commands, self._pending = self._pending, []
-            execute(self.client, *commands)
+            self.retrying(self._write_pending, f"{len(self._pending) // 2} result(s)")
+
+    def _write_pending(self) -> None:
+        execute(self.client, *self._pending)
+        self._pending = []
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Connection errors and timeouts (also while Redis loads its data or fails over)."""
+        return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError))
 
     def _get(self, task_id: str) -> dict[str, Any] | None:
         data = self.client.get(KEY_PREFIX + task_id)
@@ -86,7 +93,9 @@ class RedisBackend(Backend):
     ) -> dict[str, Any]:
         """Block until the task is ready; woken by the result's ``PUBLISH``.
 
-        ``interval`` is unused (nothing is polled). See :meth:`Backend.wait_for`.
+        ``interval`` is unused (nothing is polled). A restart of Redis while
+        waiting is ridden out (the meta is read again once it is back) until
+        ``timeout``. See :meth:`Backend.wait_for`.
         """
         meta = self.get_task_meta(task_id)
         if meta["status"] in states.READY_STATES:
@@ -102,6 +111,7 @@ class RedisBackend(Backend):
             meta = self.get_task_meta(task_id)
             if on_message is not None:
                 on_message(meta)
+            stale = False
             while meta["status"] not in states.READY_STATES:
                 wait = 1.0
                 if deadline is not None:
@@ -111,7 +121,21 @@ class RedisBackend(Backend):
                             f"Task {task_id} was not ready within {timeout} s "
                             f"(state {meta['status']})."
                         )
-                message = pubsub.get_message(timeout=min(wait, 1.0))
+                try:
+                    message = pubsub.get_message(timeout=min(wait, 1.0))
+                except (redis.ConnectionError, redis.TimeoutError):
+                    # Redis went away; the next get_message reconnects and
+                    # subscribes again. What was published meanwhile is lost
+                    # to us, so the stored meta is read again once back.
+                    stale = True
+                    time.sleep(min(0.2, max(0.0, wait)))
+                    continue
+                if stale:
+                    stale = False
+                    meta = self.get_task_meta(task_id)
+                    if on_message is not None:
+                        on_message(meta)
+                    continue
                 if message is None or message.get("type") != "message":
                     continue
                 meta = self.decode(message["data"])
@@ -121,7 +145,7 @@ class RedisBackend(Backend):
         finally:
             pubsub.close()
 
-    def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+    def _revoke(self, task_id: str, terminate: bool, expires: float) -> None:
         """Add ``task_id`` to the sorted set ``flask_tasks-revoked`` (score: expiry time)."""
         execute(self.client, ("ZADD", REVOKED_KEY, time.time() + expires,
                               f"{task_id}|{int(terminate)}"))

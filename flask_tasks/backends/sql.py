@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
 from kombu.utils.json import loads as json_loads
@@ -238,7 +238,13 @@ class SQLBackend(Backend):
         with self.engine.begin() as conn:
             conn.execute(delete(taskmeta).where(taskmeta.c.task_id == task_id))
 
-    def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Lost or refused connections and locks (``OperationalError``), not missing tables."""
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        return isinstance(exc, OperationalError) and "no such" not in str(exc)
+
+    def _revoke(self, task_id: str, terminate: bool, expires: float) -> None:
         """Record a revoke in ``flask_tasks_revoked`` (kept ``expires`` seconds)."""
         until = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=expires)
         values = {"terminate": int(terminate), "expires_at": until}

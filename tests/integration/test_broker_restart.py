@@ -41,3 +41,27 @@ def test_worker_reconnects_after_redis_restart(own_redis: RedisServer, tmp_path:
         # Published after the restart: the worker must reconnect on its own to run it.
         assert basic.add.delay(2, 2).get(timeout=30) == 4
     assert worker.proc.poll() is None
+
+
+def test_result_backend_rides_out_a_redis_outage(own_redis: RedisServer) -> None:
+    """A result written while Redis is down is stored once it is back; a waiting get() wakes."""
+    import threading
+    import time
+
+    from flask_tasks import states
+    from flask_tasks.backends.redis import RedisBackend
+
+    writer = RedisBackend(own_redis.url + "/0", max_sleep=0.2)
+    reader = RedisBackend(own_redis.url + "/0")
+    got: list[dict[str, object]] = []
+    waiting = threading.Thread(target=lambda: got.append(reader.wait_for("t1", timeout=30)))
+    waiting.start()
+    time.sleep(0.3)  # subscribed
+    own_redis.stop()
+    threading.Timer(1.0, own_redis.start).start()  # back in a second
+    started = time.monotonic()
+    writer.store_result("t1", 42, states.SUCCESS)  # retried until Redis answers
+    assert time.monotonic() - started >= 0.5
+    waiting.join(30)
+    assert got and got[0]["status"] == states.SUCCESS and got[0]["result"] == 42
+    assert writer.get_task_meta("t1")["result"] == 42

@@ -73,3 +73,72 @@ def test_unencodable_result(sql_backend: Backend) -> None:
 def test_polling_get_times_out(sql_backend: Backend) -> None:
     with pytest.raises(TimeoutError, match="not ready within 0.05 s"):
         AsyncResult("never", sql_backend).get(timeout=0.05, interval=0.01)
+
+
+class Unreachable(Exception):
+    """Stands for a connection error of the store."""
+
+
+class FlakyBackend(Backend):
+    """Stores in a dict; the first ``failures`` writes raise ``error``."""
+
+    def __init__(self, failures: int, error: Exception, **kwargs: object) -> None:
+        super().__init__(base_sleep=0.0, **kwargs)  # type: ignore[arg-type]
+        self.failures, self.error = failures, error
+        self.stored: dict[str, dict[str, object]] = {}
+        self.attempts = 0
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        return isinstance(exc, Unreachable)
+
+    def _set(self, task_id: str, meta: dict[str, object]) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise self.error
+        self.stored[task_id] = meta
+
+
+def test_writes_are_retried_while_the_store_is_unreachable(caplog) -> None:  # type: ignore[no-untyped-def]
+    backend = FlakyBackend(5, Unreachable("connection refused"))
+    backend.store_result("t1", 42, states.SUCCESS)
+    assert backend.stored["t1"]["result"] == 42 and backend.attempts == 6
+    # warned on retries 1, 2 and 4, not on every one
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 3
+
+
+def test_errors_not_safe_to_retry_are_raised_at_once() -> None:
+    backend = FlakyBackend(1, ValueError("bad data"))
+    with pytest.raises(ValueError):
+        backend.store_result("t1", 42, states.SUCCESS)
+    assert backend.attempts == 1
+
+
+def test_max_retries_and_always_retry_off_bound_the_retries() -> None:
+    bounded = FlakyBackend(10, Unreachable("down"), max_retries=2)
+    with pytest.raises(Unreachable):
+        bounded.store_result("t1", 42, states.SUCCESS)
+    assert bounded.attempts == 3  # the write and 2 retries
+    off = FlakyBackend(10, Unreachable("down"), always_retry=False)
+    with pytest.raises(Unreachable):
+        off.store_result("t1", 42, states.SUCCESS)
+    assert off.attempts == 1
+
+
+def test_retry_waits_grow_and_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("flask_tasks.backends.base.time.sleep", waits.append)
+    monkeypatch.setattr("flask_tasks.backends.base.random.uniform", lambda low, high: high)
+    backend = FlakyBackend(6, Unreachable("down"))
+    backend.base_sleep, backend.max_sleep = 0.5, 3.0
+    backend.store_result("t1", 1, states.SUCCESS)
+    assert waits == [1.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+
+
+def test_sql_backend_retries_operational_errors_only(sql_backend: SQLBackend) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    assert sql_backend.exception_safe_to_retry(
+        OperationalError("INSERT", {}, Exception("database is locked")))
+    assert not sql_backend.exception_safe_to_retry(
+        OperationalError("INSERT", {}, Exception("no such table: celery_taskmeta")))
+    assert not sql_backend.exception_safe_to_retry(ValueError("x"))
