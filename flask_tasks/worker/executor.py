@@ -129,6 +129,10 @@ def time_limits(task: Task[Any, Any], timelimit: Any, config: Any) -> tuple[floa
     return (float(first[0]) if first else None, float(second[0]) if second else None)
 
 
+#: Outcomes after which ``after_return`` is not called (the task did not return).
+_NO_AFTER_RETURN = frozenset({states.IGNORED, states.RETRY, states.REJECTED})
+
+
 def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request, *,
              store: bool = True, hostname: str | None = None) -> Outcome:
     """Run ``task`` for ``request`` inside ``app``'s app context.
@@ -169,10 +173,14 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                 _retry(task, request, outcome, exc, store, state)
             except Ignore:
                 outcome.state = states.IGNORED
+                logger.info("Task %s[%s] ignored", task.name, task_id)
             except Reject as exc:
                 outcome.state = states.REJECTED
+                # The worker requeues only an unacknowledged (acks_late) message.
                 outcome.action = REQUEUE if exc.requeue else REJECT
-                outcome.reason = str(exc.reason)
+                outcome.reason = (f"Task {task.name}[{task_id}] rejected"
+                                  f"{' (requeue)' if exc.requeue else ''}"
+                                  f"{': ' + str(exc.reason) if exc.reason else ''}")
             except (Exception, SoftTimeLimitExceeded) as exc:
                 outcome.runtime = time.perf_counter() - start
                 _fail(task, request, outcome, exc, store, state)
@@ -185,9 +193,10 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                     logger.info("Task %s[%s] succeeded in %.6fs: %.200r",
                                 task.name, task_id, outcome.runtime, retval)
             finally:
-                retval_or_exc = outcome.exc if outcome.exc is not None else outcome.retval
-                _call_handler(task, "after_return", outcome.state, retval_or_exc, task_id,
-                              args, kwargs, outcome.traceback)
+                if outcome.state not in _NO_AFTER_RETURN:  # as Celery's IGNORE_STATES
+                    retval_or_exc = outcome.exc if outcome.exc is not None else outcome.retval
+                    _call_handler(task, "after_return", outcome.state, retval_or_exc, task_id,
+                                  args, kwargs, outcome.traceback)
                 send_robust(task_postrun, task, task_id=task_id, task=task, args=args,
                             kwargs=kwargs, retval=outcome.retval, state=outcome.state)
     finally:

@@ -409,7 +409,8 @@ class Worker(ConsumerMixin):
             if delivery is None:
                 continue
             action = outcome.action
-            if action == SKIP:  # queued, never started (warm shutdown): back to the queue
+            unstarted = action == SKIP
+            if unstarted:  # queued, never started (warm shutdown): back to the queue
                 action = REQUEUE
             elif action == LOST and delivery.terminated:
                 self._store_revoked(delivery.name, delivery.task_id, terminated=True)
@@ -429,9 +430,9 @@ class Worker(ConsumerMixin):
                 logger.warning("%s", outcome.reason)
             if delivery.acked:
                 continue
-            # An early-ack job that started and ended between two looks is acked now.
-            self._settle(delivery.message, action if delivery.acks_late or action == REQUEUE
-                         else ACK)
+            # An early-ack job that started and ended between two looks is acked
+            # now, whatever it asked for (Reject(requeue=True) needs acks_late).
+            self._settle(delivery.message, action if delivery.acks_late or unstarted else ACK)
 
     def _deliver_again(self, delivery: _Delivery, reason: str) -> None:
         """Its process died: publish the message again, counting the deaths; cap poison.

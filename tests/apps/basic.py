@@ -15,7 +15,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_tasks import Tasks
-from flask_tasks.exceptions import SoftTimeLimitExceeded
+from flask_tasks.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 tasks = Tasks()
 db = SQLAlchemy()
@@ -156,6 +156,47 @@ def flaky(self, fail_times: int) -> dict:
     if self.request.retries < fail_times:
         raise self.retry(exc=ConnectionError(f"attempt {self.request.retries}"), countdown=0.3)
     return {"retries": self.request.retries, "id": self.request.id}
+
+
+def _count_run(tag: str) -> int:
+    """Append ``tag`` to ``runs.txt`` in the instance folder; how many runs ``tag`` has had."""
+    path = os.path.join(current_app.instance_path, "runs.txt")
+    with open(path, "a") as out:
+        out.write(f"{tag} {os.getpid()}\n")
+    with open(path) as runs:
+        return sum(line.split()[0] == tag for line in runs)
+
+
+@tasks.task(bind=True, acks_late=True)
+def ignored(self, tag: str, custom_state: str | None = None) -> str:
+    """Count a run, store ``custom_state`` (if given) with ``update_state``, raise Ignore."""
+    _count_run(tag)
+    if custom_state:
+        self.update_state(state=custom_state, meta={"tag": tag})
+    raise Ignore()
+
+
+@tasks.task(acks_late=True)
+def rejected(tag: str) -> str:
+    """Count a run, then raise ``Reject(requeue=False)``: the message is dropped."""
+    _count_run(tag)
+    raise Reject(f"no use for {tag}", requeue=False)
+
+
+@tasks.task(acks_late=True)
+def requeued_once(tag: str) -> int:
+    """Raise ``Reject(requeue=True)`` on the first run; return the run number after that."""
+    runs = _count_run(tag)
+    if runs == 1:
+        raise Reject(f"try {tag} again", requeue=True)
+    return runs
+
+
+@tasks.task
+def requeued_early(tag: str) -> str:
+    """Count a run, then ``Reject(requeue=True)`` without acks_late: already acked, so ends."""
+    _count_run(tag)
+    raise Reject(f"cannot requeue {tag}", requeue=True)
 
 
 def create_app() -> Flask:

@@ -9,7 +9,7 @@ import pytest
 from flask import Flask, current_app, g
 
 from flask_tasks import EagerResult, Task, Tasks, signals, states
-from flask_tasks.exceptions import EncodeError
+from flask_tasks.exceptions import EncodeError, Ignore
 
 tasks = Tasks()
 calls: list[str] = []
@@ -38,6 +38,18 @@ def add(x: int, y: int) -> int:
 @tasks.task(name="eager.boom", base=Tracking)
 def boom() -> None:
     raise KeyError("missing")
+
+
+@tasks.task(name="eager.ignored", base=Tracking)
+def ignored() -> None:
+    raise Ignore()
+
+
+@tasks.task(name="eager.retried", base=Tracking, bind=True, max_retries=1)
+def retried(self: Task) -> str:
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return "second"
 
 
 @tasks.task(name="eager.ctx", bind=True)
@@ -96,6 +108,26 @@ def test_failure_is_stored_not_raised_unless_propagating(app: Flask) -> None:
     assert calls[-2:] == ["on_failure:KeyError", "after_return:FAILURE:KeyError"]
     with pytest.raises(KeyError):
         boom.apply(throw=True)
+
+
+def test_after_return_only_after_success_or_failure(app: Flask) -> None:
+    """As in Celery: no after_return after Ignore or a retry (task_postrun still)."""
+    postrun: list[str] = []
+
+    def on_postrun(sender: object, **kwargs: object) -> None:
+        postrun.append(str(kwargs["state"]))
+
+    signals.task_postrun.connect(on_postrun)
+    try:
+        ignored.delay()
+        assert calls == ["before_start"]
+        calls.clear()
+        assert retried.delay().get() == "second"
+        assert calls == ["before_start", "before_start", "on_success:second",
+                         "after_return:SUCCESS"]
+    finally:
+        signals.task_postrun.disconnect(on_postrun)
+    assert postrun == [states.IGNORED, states.RETRY, states.SUCCESS]
 
 
 def test_runs_in_app_context_with_teardown(app: Flask) -> None:
