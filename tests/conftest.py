@@ -53,9 +53,11 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
         return worker.wait_ready() if ready else worker
 
     yield start
-    for worker in workers:
+    for number, worker in enumerate(workers, 1):
         worker.stop()
         worker.kill_group()
+        # pytest shows this only when the test failed: the workers' logs.
+        print(f"--- worker {number}: {' '.join(worker.cmd[3:])}\n{worker.output}")
 
 
 @pytest.fixture()

@@ -3,17 +3,21 @@
 Same keys, same message envelope and the same acknowledgement emulation as
 ``kombu.transport.redis`` (the ``unacked`` hash and ``unacked_index`` sorted
 set, restored after ``visibility_timeout``), so Celery processes on the same
-Redis interoperate and kombu's recovery works unchanged. Three changes:
+Redis interoperate and kombu's recovery works unchanged. The changes:
 
 1. **One client per channel.** kombu builds a ``redis.Redis`` object for
    every command (about 120 µs each with redis-py 8); we build one per
    channel and process and reuse it.
-2. **Batched reservation.** After each ``BRPOP`` wakes the consumer, one Lua
-   script records that message as unacknowledged *and* pops and records up
-   to the free prefetch budget more, atomically: a burst of N messages costs
-   two round trips instead of 2·N, and a message is never popped without
-   being recorded (except the ``BRPOP``-ed one, for the same instant as in
-   kombu).
+2. **Batched reservation.** One Lua script pops and records as
+   unacknowledged up to the free prefetch budget of messages, atomically: a
+   burst of N messages costs one round trip instead of 2·N, and a message
+   is never popped without being recorded. While the queues have messages
+   the consumer only runs that script (:class:`Poller`); it blocks on
+   ``BRPOP`` once they were found empty, and the script then records the
+   ``BRPOP``-ed message with the others. ``BRPOP`` pops before the client
+   has the message, so the one loss left is a message that arrives at an
+   idle worker in the very instant Redis shuts down (kombu and Celery have
+   that window on every fetch).
 3. **Delayed messages wait on the broker.** A message whose ``eta`` header is
    in the future goes into a sorted set next to its queue list (key
    ``<list key>\x06\x16eta``, score = the eta), not into the list; workers
@@ -22,7 +26,15 @@ Redis interoperate and kombu's recovery works unchanged. Three changes:
    in a worker's memory, a worker restart loses nothing, and each message
    is moved once however many workers run. (A Celery worker alone never
    moves them: run at least one flask_tasks worker for delayed tasks.)
-4. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
+4. **Settling by tag after a lost connection.** When the connection drops,
+   :meth:`Channel.detach` hands the worker what the channel held (buffered
+   acks, and a message popped by ``BRPOP`` that could not be recorded)
+   instead of kombu restoring every unacknowledged message at once, which
+   would run the tasks still running in the pool a second time. Unacked
+   messages are keyed by delivery tag in Redis, so once connected again
+   :meth:`Channel.settle_detached` acknowledges or requeues them by tag
+   from the new connection.
+5. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
    along with the next reservation (same round trip), or are flushed in one
    pipeline before a ``BRPOP`` that is likely to block, when they are older
    than :data:`ACK_MAX_AGE` seconds, and before any reject, restore or close.
@@ -37,6 +49,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -48,7 +61,7 @@ from .._redis import Script, execute
 from ..protocol import envelope_eta
 
 #: KEYS: the queue's list keys in priority order, then the unacked hash and
-#: index. ARGV: how many more to pop, the time, the BRPOP-ed message, then
+#: index. ARGV: how many more to pop, the time, the BRPOP-ed message ('' if none), then
 #: tags acknowledged since the last round trip.
 #: Returns [key, message, key, message, ...] for the extra messages.
 RESERVE = """
@@ -60,6 +73,7 @@ if #ARGV > 3 then
   redis.call('HDEL', unacked, unpack(tags))
 end
 local function record(item)
+  if item == '' then return end
   local ok, msg = pcall(cjson.decode, item)
   if not ok or type(msg) ~= 'table' or type(msg.properties) ~= 'table' then return end
   local tag = msg.properties.delivery_tag
@@ -110,6 +124,30 @@ ETA_SUFFIX = "eta"
 MAX_BATCH = 100
 #: Seconds an acknowledgement may wait in the buffer.
 ACK_MAX_AGE = 0.1
+
+
+@dataclass
+class Detached:
+    """What a lost connection's channel still owes Redis, to settle from a new one.
+
+    :param acks: delivery tags to acknowledge (remove from ``unacked``).
+    :param requeue: delivery tags to put back on their queue (kombu's ``restore_by_tag``).
+    :param unrecorded: ``(list key, raw message)`` popped by ``BRPOP`` but never
+        recorded as unacknowledged: pushed back to the list.
+    """
+
+    acks: list[str] = field(default_factory=list)
+    requeue: list[str] = field(default_factory=list)
+    unrecorded: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.acks or self.requeue or self.unrecorded)
+
+    def merge(self, other: Detached) -> None:
+        """Add ``other``'s entries to these."""
+        self.acks += other.acks
+        self.requeue += other.requeue
+        self.unrecorded += other.unrecorded
 
 
 class QoS(kombu_redis.QoS):
@@ -163,6 +201,17 @@ class QoS(kombu_redis.QoS):
         self.flush()
         super().reject(delivery_tag, requeue=requeue)
 
+    def forget_delivered(self) -> list[str]:
+        """Stop tracking every delivered message, leaving it unacknowledged in Redis.
+
+        Closing the channel then restores nothing. :returns: the buffered acks.
+        """
+        acks = self.take_acks()
+        for tracked in (self._delivered, self._dirty):
+            if tracked is not None:
+                tracked.clear()
+        return acks
+
     def restore_unacked(self, client: Any = None) -> None:
         self.flush()
         super().restore_unacked(client)
@@ -186,6 +235,8 @@ class Channel(kombu_redis.Channel):
     _shared_pid: int = 0
     #: The last reservation got fewer messages than it asked for.
     _queue_drained = True
+    #: (list key, message) popped by BRPOP whose recording failed (connection lost).
+    _unrecorded: list[tuple[bytes, bytes]] | None = None
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -234,6 +285,42 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             return int(_move_due(client, keys, [time.time(), limit]))
 
+    def detach(self) -> Detached:
+        """The connection is lost: hand over what this channel holds instead of restoring it.
+
+        Messages this channel delivered stay unacknowledged in Redis (restored
+        after ``visibility_timeout`` if nobody settles them); the caller settles
+        them by tag with :meth:`settle_detached` on a new channel.
+        """
+        detached = Detached(unrecorded=self._unrecorded or [])
+        self._unrecorded = None
+        if self._qos is not None:
+            detached.acks = self._qos.forget_delivered()
+        return detached
+
+    def settle_detached(self, detached: Detached) -> None:
+        """Settle messages delivered on an earlier, lost connection (by delivery tag).
+
+        Acks in one round trip, unrecorded messages pushed back to where
+        ``BRPOP`` took them (next in line), requeues with kombu's ``restore_by_tag``.
+        """
+        qos = self.qos
+        commands: list[tuple[Any, ...]] = []
+        if detached.acks:
+            commands += [("ZREM", qos.unacked_index_key, *detached.acks),
+                         ("HDEL", qos.unacked_key, *detached.acks)]
+        for key, raw in detached.unrecorded:
+            # The lost reservation may have recorded it after all: drop that
+            # record in the same transaction, so nobody else restores it too.
+            tag = _delivery_tag(raw)
+            commands += [("MULTI",), ("HDEL", qos.unacked_key, tag),
+                         ("ZREM", qos.unacked_index_key, tag), ("RPUSH", key, raw), ("EXEC",)]
+        with self.conn_or_acquire() as client:
+            if commands:
+                execute(client, *commands)
+            for tag in detached.requeue:
+                qos.restore_by_tag(tag, client)
+
     def flush_acks(self, max_age: float = ACK_MAX_AGE) -> None:
         """Send buffered acknowledgements older than ``max_age`` seconds (each loop turn)."""
         if self._qos is not None:
@@ -262,14 +349,39 @@ class Channel(kombu_redis.Channel):
         self._queue_cycle.rotate(queue)
         budget = self.qos.can_consume_max_estimate()
         more = MAX_BATCH if budget is None else min(MAX_BATCH, max(budget - 1, 0))
-        for payload in self._reserve(queue, item, more):
+        try:
+            payloads = self._reserve(queue, item, more)
+        except self.connection_errors:
+            # Popped, not recorded: only this process has it now (see detach()).
+            self._unrecorded = [*(self._unrecorded or []), (dest_key, item)]
+            raise
+        for payload in payloads:
             self.connection._deliver(payload, queue)
         return True
 
-    def _reserve(self, queue: str, first: bytes, more: int) -> list[dict[str, Any]]:
-        """Record ``first`` as unacked and pop/record up to ``more`` others: one round trip.
+    def reserve_now(self) -> int:
+        """Pop and record messages from the active queues without blocking; deliver them.
 
-        :returns: the decoded messages, ``first`` first.
+        :returns: how many were delivered.
+        """
+        budget = self.qos.can_consume_max_estimate()
+        left = MAX_BATCH if budget is None else min(MAX_BATCH, budget)
+        delivered = 0
+        for queue in self._queue_cycle.consume(len(self.active_queues)):
+            if left <= 0:
+                break
+            payloads = self._reserve(queue, None, left)
+            for payload in payloads:
+                self.connection._deliver(payload, queue)
+            left -= len(payloads)
+            delivered += len(payloads)
+        self._queue_drained = left > 0
+        return delivered
+
+    def _reserve(self, queue: str, first: bytes | None, more: int) -> list[dict[str, Any]]:
+        """Record ``first`` (if any) as unacked and pop/record up to ``more`` others.
+
+        One round trip. :returns: the decoded messages, ``first`` first.
         """
         qos = self.qos
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
@@ -277,19 +389,46 @@ class Channel(kombu_redis.Channel):
         acks = qos.take_acks()
         with self.conn_or_acquire() as client:
             try:
-                reply = _reserve(client, keys, [more, time.time(), first, *acks])
+                reply = _reserve(client, keys, [more, time.time(), first or "", *acks])
             except BaseException:
                 qos.restore_acks(acks)
                 raise
         self._queue_drained = len(reply) // 2 < more
         payloads = []
-        for raw in [first, *reply[1::2]]:
+        for raw in [first, *reply[1::2]] if first else reply[1::2]:
             payload = loads(bytes_to_str(raw))
             tag = payload.get("properties", {}).get("delivery_tag")
             if tag is not None:
                 qos._recorded.add(tag)
             payloads.append(payload)
         return payloads
+
+
+def _delivery_tag(raw: bytes) -> str:
+    """The delivery tag of a raw kombu envelope ("" when it has none)."""
+    try:
+        return str(loads(bytes_to_str(raw))["properties"]["delivery_tag"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller, reserving without ``BRPOP`` while queues have messages.
+
+    ``BRPOP`` removes a message before the client has it: if Redis stops right
+    then (the reply is lost with the connection), the message is gone. So a
+    channel whose last reservation filled up reserves again with the atomic
+    pop-and-record script, and blocks on ``BRPOP`` only once its queues were
+    found empty (when a message can only arrive while it waits).
+    """
+
+    def get(self, callback: Any, timeout: float | None = None) -> None:
+        for channel in list(self._channels):
+            if (channel.active_queues and not channel._queue_drained
+                    and not channel._in_poll and channel.qos.can_consume()):
+                if channel.reserve_now():
+                    return
+        super().get(callback, timeout)
 
 
 class _ShownAsRedis(type):
@@ -302,3 +441,7 @@ class Transport(kombu_redis.Transport, metaclass=_ShownAsRedis):
     """kombu's Redis transport with :class:`Channel`; used for ``redis://`` and ``rediss://``."""
 
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()  # type: ignore[assignment]  # kombu declares None

@@ -7,6 +7,12 @@ logged reason or handed to the pool; the body is decoded where the task
 runs. Early-acknowledged tasks are acked when a pool slot takes them,
 ``acks_late`` tasks when their outcome comes back.
 
+Lost broker connection: kombu reconnects. On Redis, messages the pool still
+holds are not restored to the queue (they would run twice); they finish and
+are acknowledged by delivery tag over the new connection, and messages that
+were waiting in the worker go back to the queue (see
+:class:`flask_tasks.transport.redis.Detached`).
+
 Shutdown: the first SIGINT/SIGTERM stops consuming, returns reserved but
 unstarted messages to the queue, lets running tasks finish and acks them
 (warm); a second one kills running tasks and exits at once (cold).
@@ -23,7 +29,8 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +56,7 @@ from ..signals import (
     worker_shutdown,
 )
 from ..state import AppState
+from ..transport.redis import Detached
 from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, execute, time_limits
 from .pools import LOST, POOLS, PreforkPool
 
@@ -152,6 +160,10 @@ class Worker(ConsumerMixin):
         self._move_due: Callable[[list[str]], int] | None = None
         self._schedule: Callable[[dict[str, Any], str], None] | None = None
         self._last_move = 0.0
+        # The current channel, and what earlier (lost) channels still owe the broker.
+        self._channel: Any = None
+        self._settle_detached: Callable[[Detached], None] | None = None
+        self._detached = Detached()
         self.exit_code = EX_OK
 
     # -- running a job (inside the pool) ---------------------------------------------
@@ -196,11 +208,42 @@ class Worker(ConsumerMixin):
             # broker redelivers the unacknowledged ones.
             self._buffer.clear()
 
+    @contextmanager
+    def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
+        """Around consuming on one connection: when it is lost, detach what it held."""
+        try:
+            yield
+        except connection.connection_errors + connection.channel_errors:
+            self._detach(channel)
+            raise
+
+    def _detach(self, channel: Any) -> None:
+        """Keep the lost channel's messages for settling over the next connection.
+
+        Without this, closing the channel would put every unacknowledged
+        message back on the queue, including those still running in the pool.
+        """
+        detach = getattr(channel, "detach", None)
+        if detach is None:  # other transports: the broker redelivers unacked messages
+            return
+        detached: Detached = detach()
+        detached.requeue += [entry[1].delivery_tag for entry in self._buffer]
+        self._buffer.clear()
+        self._detached.merge(detached)
+        running = sum(1 for delivery in self._inflight.values() if not delivery.acked)
+        if running or detached:
+            logger.warning("Broker connection lost with %d task(s) in the pool and %d waiting: "
+                           "the pool's tasks go on and are acknowledged once connected again; "
+                           "the waiting ones go back to the queue.", running,
+                           len(detached.requeue) + len(detached.unrecorded))
+
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any,
                          **kwargs: Any) -> None:
         if hasattr(channel, "renew_leases"):
             self._keep_leases(channel)
         self._flush_acks = getattr(channel, "flush_acks", None)
+        self._channel = channel
+        self._settle_detached = getattr(channel, "settle_detached", None)
         # Brokers that keep delayed messages themselves (flask_tasks' Redis).
         self._move_due = getattr(channel, "move_due", None)
         self._schedule = getattr(channel, "schedule", None)
@@ -363,6 +406,11 @@ class Worker(ConsumerMixin):
                 self._complete(self.pool.collect(0))
 
     def _settle(self, message: Message, action: str) -> None:
+        if message.channel is not self._channel and self._settle_detached is not None:
+            # Delivered on a lost connection: settled by tag over this one.
+            tags = self._detached.requeue if action == REQUEUE else self._detached.acks
+            tags.append(message.delivery_tag)
+            return
         try:
             if action == ACK:
                 message.ack()
@@ -499,10 +547,26 @@ class Worker(ConsumerMixin):
         except Exception:
             logger.exception("Could not store the failure of %s", task_id)
 
+    def _send_detached(self) -> None:
+        """Settle what lost connections still owe, over the current one (one round trip)."""
+        if not self._detached or self._settle_detached is None:
+            return
+        detached, self._detached = self._detached, Detached()
+        try:
+            self._settle_detached(detached)
+        except BaseException:
+            self._detached.merge(detached)  # tried again on the next connection
+            raise
+        logger.info("Settled %d message(s) of the lost broker connection (%d acked, "
+                    "%d back to the queue)", len(detached.acks) + len(detached.requeue)
+                    + len(detached.unrecorded), len(detached.acks),
+                    len(detached.requeue) + len(detached.unrecorded))
+
     def on_iteration(self) -> None:
         self._complete(self.pool.collect(0))
         self._dispatch()
         self._ack_started()
+        self._send_detached()
         # Wait on the pool, not the broker, while nothing more can be taken:
         # the pool is full with messages waiting, or the prefetch limit is
         # reached (acknowledging started jobs frees it).
@@ -559,6 +623,7 @@ class Worker(ConsumerMixin):
         self.pool.begin_shutdown()
         while self.pool.busy() and not self._cold:
             self._complete(self.pool.collect(0.5))
+        self._send_detached()
         if self._flush_acks is not None:
             self._flush_acks(0.0)
         self.should_stop = True
