@@ -58,9 +58,13 @@ def test_result_backend_rides_out_a_redis_outage(own_redis: RedisServer) -> None
     waiting.start()
     time.sleep(0.3)  # subscribed
     own_redis.stop()
-    threading.Timer(1.0, own_redis.start).start()  # back in a second
+    restart = threading.Timer(1.0, own_redis.start)  # back in a second
+    restart.start()
     started = time.monotonic()
-    writer.store_result("t1", 42, states.SUCCESS)  # retried until Redis answers
+    try:
+        writer.store_result("t1", 42, states.SUCCESS)  # retried until Redis answers
+    finally:
+        restart.join()
     assert time.monotonic() - started >= 0.5
     waiting.join(30)
     assert got and got[0]["status"] == states.SUCCESS and got[0]["result"] == 42

@@ -117,6 +117,40 @@ def test_publish_survives_a_broker_restart(tmp_path) -> None:
         server.stop()
 
 
+def test_publish_while_the_broker_is_down_is_retried_until_it_is_back(tmp_path) -> None:
+    """retry_policy: a delay() made while redis-server is stopped waits for it and publishes once."""
+    import shutil
+    import threading
+
+    from tests.helpers import RedisServer
+
+    server = RedisServer(shutil.which("redis-server") or "redis-server", tmp_path).start()
+    restart = threading.Timer(1.0, server.start)
+    try:
+        client = redis.Redis.from_url(server.url)
+        app = Flask("down", instance_path=str(tmp_path))
+        app.config.update(BROKER_URL=server.url + "/0", RESULT_BACKEND="disabled",
+                          TASKS_PUBLISH_RETRY_POLICY={"max_retries": 30, "interval_start": 0,
+                                                      "interval_step": 0.2, "interval_max": 0.2})
+        tasks = Tasks(app)
+
+        @tasks.task(name="down.noop")
+        def noop() -> None: ...
+
+        with app.app_context():
+            noop.delay()  # a pooled connection exists, then the server goes away
+            server.stop()
+            restart.start()
+            start = time.monotonic()
+            noop.delay()
+            assert time.monotonic() - start >= 0.5  # it waited for the broker
+            assert client.llen("celery") == 1  # the restarted server is empty: exactly this one
+    finally:
+        if restart.is_alive():
+            restart.join()
+        server.stop()
+
+
 def test_delay_on_commit_runs_after_the_row_exists(basic_app: Flask, redis_env: dict[str, str],
                                                    start_worker) -> None:
     start_worker(APP, "-c", "1", env=redis_env)
