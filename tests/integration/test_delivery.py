@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from flask import Flask
 
 from flask_tasks import states
@@ -16,15 +17,17 @@ APP = "tests.apps.basic:create_app"
 SHORT_VISIBILITY = json.dumps({"TASKS_BROKER_TRANSPORT_OPTIONS": {"visibility_timeout": 2}})
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_acks_late_task_of_a_killed_worker_runs_again(basic_app: Flask,
                                                       redis_env: dict[str, str],
-                                                      start_worker, tmp_path: Path) -> None:
+                                                      start_worker, tmp_path: Path,
+                                                      pool: str) -> None:
     env = {**redis_env, "TEST_CONFIG": SHORT_VISIBILITY}
-    first = start_worker(APP, "-P", "solo", env=env)
+    first = start_worker(APP, "-P", pool, "-c", "1", env=env)
     result = basic.record.delay("victim", 2.0)
     wait_for(lambda: result.state == states.STARTED, timeout=10, message="task started")
     first.kill_group()  # kill -9: no ack, no clean shutdown, unacked stays in Redis
-    start_worker(APP, "-P", "solo", env=env)  # restores it after visibility_timeout
+    start_worker(APP, "-P", pool, "-c", "1", env=env)  # restores it after visibility_timeout
     assert result.get(timeout=40) == "victim"
     runs = (tmp_path / "runs.txt").read_text().split()[::2]
     assert runs == ["victim", "victim"]  # 0 lost; the killed run and the finished one
