@@ -199,6 +199,18 @@ def requeued_early(tag: str) -> str:
     raise Reject(f"cannot requeue {tag}", requeue=True)
 
 
+@tasks.task(autoretry_for=(ConnectionError,), retry_backoff=0.2, retry_jitter=False,
+            max_retries=3)
+def backs_off(tag: str, fail_times: int) -> int:
+    """Count a run, note its time in ``times-<tag>.txt``; fail the first ``fail_times`` runs."""
+    runs = _count_run(tag)
+    with open(os.path.join(current_app.instance_path, f"times-{tag}.txt"), "a") as out:
+        out.write(f"{time.time()}\n")
+    if runs <= fail_times:
+        raise ConnectionError(f"{tag} run {runs}")
+    return runs
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=os.environ.get("TEST_INSTANCE_PATH") or None)
     broker = os.environ.get("TEST_BROKER_URL")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from flask import Flask
 
 from tests.apps import basic
@@ -12,9 +13,10 @@ from tests.apps import basic
 APP = "tests.apps.basic:create_app"
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_rate_limit_spaces_out_the_task_only(basic_app: Flask, redis_env: dict[str, str],
-                                             start_worker) -> None:
-    start_worker(APP, "-c", "2", env=redis_env)
+                                             start_worker, pool: str) -> None:
+    start_worker(APP, "-P", pool, "-c", "2", env=redis_env)
     basic.add.delay(0, 0).get(timeout=10)  # warm
     start = time.monotonic()
     limited = [basic.limited.delay(i) for i in range(10)]  # 5/s
