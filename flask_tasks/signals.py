@@ -32,8 +32,9 @@ worker_shutdown        the worker                   —
 =====================  ===========================  ===========================================
 
 In prefork workers the task signals and ``worker_process_init`` fire in the
-child process that runs the task; ``task_received``, ``worker_ready`` and
-``worker_shutdown`` fire in the main worker process.
+child process that runs the task; ``task_received``, ``worker_ready``,
+``worker_shutdown`` and ``task_revoked`` for a revoked (not an expired) task
+fire in the main worker process.
 """
 
 from __future__ import annotations

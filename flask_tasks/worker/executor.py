@@ -132,6 +132,24 @@ def time_limits(task: Task[Any, Any], timelimit: Any, config: Any) -> tuple[floa
 #: Outcomes after which ``after_return`` is not called (the task did not return).
 _NO_AFTER_RETURN = frozenset({states.IGNORED, states.RETRY, states.REJECTED})
 
+#: Handlers that run after the final state was stored (they may read it).
+_AFTER_STORE_HANDLERS = ("on_success", "on_failure", "after_return")
+
+
+def _flush_if_watched(state: AppState, task: Task[Any, Any]) -> None:
+    """Write a deferred final state now if a handler or receiver runs after it.
+
+    A prefork child batches final results (``backend.batching``); the
+    handlers and signals that follow are documented to run after the state
+    was stored, so with one of them the batch is written first.
+    """
+    backend = state.backend
+    if backend.batching and (
+            any(getattr(type(task), name) is not getattr(Task, name)
+                for name in _AFTER_STORE_HANDLERS)
+            or task_success.receivers or task_failure.receivers or task_postrun.receivers):
+        backend.flush()
+
 
 def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request, *,
              store: bool = True, hostname: str | None = None) -> Outcome:
@@ -166,6 +184,7 @@ def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
                                          extended=extended, defer=True)
+                    _flush_if_watched(state, task)
                 if request.is_eager:  # what a caller would get back from a worker
                     retval = backend.decode(backend.encode(retval))
             except Retry as exc:
@@ -254,6 +273,7 @@ def _fail(task: Task[Any, Any], request: Request, outcome: Outcome, exc: BaseExc
         try:
             state.backend.store_result(request.id, exc, states.FAILURE, text, request=request,
                                        extended=state.config.result_extended, defer=True)
+            _flush_if_watched(state, task)
         except Exception:
             logger.exception("Could not store the failure of task %s[%s]", task.name, request.id)
     _call_handler(task, "on_failure", exc, request.id, request.args, request.kwargs, text)

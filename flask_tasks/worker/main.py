@@ -43,7 +43,7 @@ from .. import states
 from ..exceptions import NotRegistered, TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from ..extension import Tasks
 from ..protocol import Message as ProtocolMessage
-from ..protocol import check_headers, parse_datetime
+from ..protocol import Request, check_headers, parse, parse_datetime
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
 from ..routing import parse_rate
@@ -461,7 +461,8 @@ class Worker(ConsumerMixin):
             if unstarted:  # queued, never started (warm shutdown): back to the queue
                 action = REQUEUE
             elif action == LOST and delivery.terminated:
-                self._store_revoked(delivery.name, delivery.task_id, terminated=True)
+                self._store_revoked(delivery.name, delivery.task_id, terminated=True,
+                                    message=delivery.message)
                 action = ACK
             elif action == LOST and delivery.timed_out:
                 self._worker_lost(delivery.name, delivery.task_id, "", TimeLimitExceeded(
@@ -522,9 +523,21 @@ class Worker(ConsumerMixin):
 
     def _drop_revoked(self, message: Message, name: str, task_id: str) -> None:
         self._settle(message, ACK)
-        self._store_revoked(name, task_id, terminated=False)
+        self._store_revoked(name, task_id, terminated=False, message=message)
 
-    def _store_revoked(self, name: str, task_id: str, terminated: bool) -> None:
+    def _request(self, message: Message, name: str, task_id: str) -> Request:
+        """The :class:`Request` of a message the main process settles itself (for signals)."""
+        try:
+            request = parse(message.headers, message.body, message.content_type,
+                            message.content_encoding, self.state.accept,
+                            message.properties, message.delivery_info)
+        except Exception:  # undecodable: what the headers tell
+            request = Request(id=task_id, task=name, headers=dict(message.headers))
+        request.hostname = self.hostname
+        return request
+
+    def _store_revoked(self, name: str, task_id: str, terminated: bool,
+                       message: Message) -> None:
         exc = TaskRevokedError(f"Task {name}[{task_id}] was revoked"
                                + ("; its process was killed." if terminated else ": not run."))
         logger.warning("%s", exc)
@@ -534,8 +547,8 @@ class Worker(ConsumerMixin):
             logger.exception("Could not store the revocation of %s", task_id)
         task = self.state.get_task(name)
         if task is not None:
-            send_robust(task_revoked, task, request=None, terminated=terminated,
-                        signum=9 if terminated else None, expired=False)
+            send_robust(task_revoked, task, request=self._request(message, name, task_id),
+                        terminated=terminated, signum=9 if terminated else None, expired=False)
 
     def _worker_lost(self, name: str, task_id: str, reason: str,
                      exc: BaseException | None = None) -> None:
