@@ -231,11 +231,11 @@ class Worker(ConsumerMixin):
         self._buffer.clear()
         self._detached.merge(detached)
         running = sum(1 for delivery in self._inflight.values() if not delivery.acked)
-        if running or detached:
+        waiting = len(detached.requeue) + len(detached.unrecorded)
+        if running or waiting:
             logger.warning("Broker connection lost with %d task(s) in the pool and %d waiting: "
                            "the pool's tasks go on and are acknowledged once connected again; "
-                           "the waiting ones go back to the queue.", running,
-                           len(detached.requeue) + len(detached.unrecorded))
+                           "the waiting ones go back to the queue.", running, waiting)
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any,
                          **kwargs: Any) -> None:
