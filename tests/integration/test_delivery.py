@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from flask_tasks import states
 from tests.apps import basic
 from tests.helpers import wait_for
 
@@ -25,7 +24,10 @@ def test_acks_late_task_of_a_killed_worker_runs_again(basic_app: Flask,
     env = {**redis_env, "TEST_CONFIG": SHORT_VISIBILITY}
     first = start_worker(APP, "-P", pool, "-c", "1", env=env)
     result = basic.record.delay("victim", 2.0)
-    wait_for(lambda: result.state == states.STARTED, timeout=10, message="task started")
+    runs_file = tmp_path / "runs.txt"
+    # Killed once the task really runs (STARTED is stored just before the function).
+    wait_for(lambda: runs_file.exists() and "victim" in runs_file.read_text(), timeout=10,
+             message="task running")
     first.kill_group()  # kill -9: no ack, no clean shutdown, unacked stays in Redis
     start_worker(APP, "-P", pool, "-c", "1", env=env)  # restores it after visibility_timeout
     assert result.get(timeout=40) == "victim"
