@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from flask_tasks import states
 from tests.apps import basic
 from tests.helpers import wait_for
 
@@ -47,7 +46,9 @@ def test_killed_workers_task_is_redelivered(app: Flask, start_worker) -> None:
     env = {"TEST_CONFIG": SHORT_LEASE}
     first = start_worker(APP, "-P", "solo", env=env)
     result = basic.record.delay("victim", 2.0)
-    wait_for(lambda: result.state == states.STARTED, timeout=10, message="task started")
+    # Killed once the task really runs (STARTED is stored just before the function).
+    wait_for(lambda: [line.split()[0] for line in runs(app)] == ["victim"], timeout=10,
+             message="task running")
     first.kill_group()  # kill -9: no ack, no clean shutdown
     start_worker(APP, "-P", "solo", env=env)
     assert result.get(timeout=20, interval=0.05) == "victim"
