@@ -144,14 +144,15 @@ class Backend:
         """True when ``exc`` means the store could not be reached (the write may be retried)."""
         return False
 
-    def retrying(self, write: Callable[[], Any], what: str) -> Any:
+    def retrying(self, write: Callable[[], Any], what: str, *what_args: Any) -> Any:
         """Call ``write()``; while it fails with an error safe to retry, wait and call it again.
 
         Waits grow from :attr:`base_sleep` to :attr:`max_sleep` seconds
         (exponential, full jitter); a warning is logged on the first retry
         and on every power of two after it.
 
-        :param what: what is being written, for the log ("the result of <id>").
+        :param what: what is being written, for the log: a ``%``-format string
+            filled with ``what_args`` only when a retry is logged.
         :returns: what ``write`` returned.
         :raises Exception: ``write``'s error when it is not safe to retry, when
             :attr:`always_retry` is off, or after :attr:`max_retries` retries.
@@ -164,13 +165,14 @@ class Backend:
                 if not (self.always_retry and self.exception_safe_to_retry(exc)):
                     raise
                 if self.max_retries is not None and retries >= self.max_retries:
-                    logger.error("Gave up writing %s after %d retries: %s", what, retries, exc)
+                    logger.error("Gave up writing %s after %d retries: %s",
+                                 what % what_args, retries, exc)
                     raise
                 retries += 1
                 wait = random.uniform(0.0, min(self.max_sleep, self.base_sleep * 2 ** retries))
                 if retries & (retries - 1) == 0:  # 1, 2, 4, 8...
                     logger.warning("Writing %s failed (%s: %s); retry %d in %.2f s",
-                                   what, type(exc).__name__, exc, retries, wait)
+                                   what % what_args, type(exc).__name__, exc, retries, wait)
                 time.sleep(wait)
 
     # -- encoding ------------------------------------------------------------
@@ -256,11 +258,12 @@ class Backend:
         if defer and self.batching:
             self._defer(task_id, meta)
         else:
-            self.retrying(lambda: self._set(task_id, meta), f"the {state} result of {task_id}")
+            self.retrying(lambda: self._set(task_id, meta), "the %s result of %s", state, task_id)
 
     def _defer(self, task_id: str, meta: dict[str, Any]) -> None:
         """Queue a write for :meth:`flush` (backends that cannot batch write now)."""
-        self.retrying(lambda: self._set(task_id, meta), f"the {meta['status']} result of {task_id}")
+        self.retrying(lambda: self._set(task_id, meta), "the %s result of %s",
+                      meta["status"], task_id)
 
     def flush(self) -> None:
         """Write what :meth:`store_result` deferred, in as few round trips as possible.
@@ -307,7 +310,7 @@ class Backend:
 
     def forget(self, task_id: str) -> None:
         """Delete the stored result of ``task_id`` (it reads as PENDING afterwards)."""
-        self.retrying(lambda: self._delete(task_id), f"the deletion of {task_id}")
+        self.retrying(lambda: self._delete(task_id), "the deletion of %s", task_id)
 
     def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
         """Record that ``task_id`` must not run (and, with ``terminate``, be stopped).
@@ -316,7 +319,7 @@ class Backend:
         :raises NotImplementedError: the backend cannot store revokes.
         """
         self.retrying(lambda: self._revoke(task_id, terminate, expires),
-                      f"the revoke of {task_id}")
+                      "the revoke of %s", task_id)
 
     def revoked(self) -> dict[str, bool]:
         """The unexpired revokes: task id -> terminate."""

@@ -67,7 +67,7 @@ class RedisBackend(Backend):
     def flush(self) -> None:
         """Store every deferred result in one round trip (retried; kept until written)."""
         if self._pending:
-            self.retrying(self._write_pending, f"{len(self._pending) // 2} result(s)")
+            self.retrying(self._write_pending, "%d result(s)", len(self._pending) // 2)
 
     def _write_pending(self) -> None:
         execute(self.client, *self._pending)
