@@ -145,10 +145,21 @@ def _flush_if_watched(state: AppState, task: Task[Any, Any]) -> None:
     """
     backend = state.backend
     if backend.batching and (
-            any(getattr(type(task), name) is not getattr(Task, name)
-                for name in _AFTER_STORE_HANDLERS)
+            _overrides_after_store(type(task))
             or task_success.receivers or task_failure.receivers or task_postrun.receivers):
         backend.flush()
+
+
+_overriding: dict[type, bool] = {}  # task class -> defines an after-store handler
+
+
+def _overrides_after_store(cls: type) -> bool:
+    """Whether a task class defines one of :data:`_AFTER_STORE_HANDLERS` (looked up once)."""
+    found = _overriding.get(cls)
+    if found is None:
+        found = _overriding[cls] = any(getattr(cls, name) is not getattr(Task, name)
+                                       for name in _AFTER_STORE_HANDLERS)
+    return found
 
 
 def run_task(app: Flask, state: AppState, task: Task[Any, Any], request: Request, *,
