@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Run the whole test suite, installing what it needs first:
-# redis-server (from the system's packages) and the project with its test extra.
+# redis-server and Chromium (from the system's packages) and the project with its test
+# extra. It also installs the project alone into a fresh virtualenv (a test does).
 # Extra arguments go to pytest, e.g. `scripts/test.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "Installing redis-server ..."
+# System packages the integration tests use: redis-server (started by the tests
+# on a free port) and Chromium (the example page is tested in a real browser).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || command -v brew >/dev/null 2>&1 || missing+=(chromium)
+if ((${#missing[@]})); then
+    echo "Installing ${missing[*]} ..."
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
     if command -v apt-get >/dev/null 2>&1; then
         $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
     elif command -v brew >/dev/null 2>&1; then
-        brew install redis
+        brew install redis  # the browser tests find no Chromium there and are skipped
     else
-        echo "Please install redis-server (the integration tests start their own)." >&2
+        echo "Please install ${missing[*]} (the integration tests need them)." >&2
         exit 1
     fi
 fi

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
 import redis
 from flask import Flask
 
-from tests.helpers import RedisServer, WorkerProcess
+from tests.helpers import ROOT, ExampleScript, RedisServer, WorkerProcess, free_port
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +47,17 @@ def redis_url(redis_server: str) -> Iterator[str]:
 
 @pytest.fixture()
 def start_worker(tmp_path: Path) -> Iterator[object]:
-    """Start worker subprocesses: ``start_worker(app, *args, env={...})``; all stopped at the end."""
+    """Start worker subprocesses: ``start_worker(app, *args, env={...}, cwd=None)``.
+
+    All are stopped at the end.
+    """
     workers: list[WorkerProcess] = []
 
     def start(app: str, *args: str, env: dict[str, str] | None = None,
-              ready: bool = True) -> WorkerProcess:
-        worker = WorkerProcess(app, list(args), {"TEST_INSTANCE_PATH": str(tmp_path), **(env or {})})
+              ready: bool = True, cwd: Path | None = None) -> WorkerProcess:
+        worker = WorkerProcess(app, list(args),
+                               {"TEST_INSTANCE_PATH": str(tmp_path), **(env or {})},
+                               cwd=cwd or ROOT)
         workers.append(worker)
         return worker.wait_ready() if ready else worker
 
@@ -90,3 +99,30 @@ def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fl
     app = basic.create_app()
     with app.app_context():
         yield app
+
+
+@pytest.fixture()
+def run_script(tmp_path: Path) -> Iterator[Any]:
+    """``run_script(project, python, port)``: start scripts/run-example.sh of ``project``.
+
+    At the end each is stopped (SIGTERM) and whatever its session left is killed.
+    """
+    scripts: list[ExampleScript] = []
+
+    def start(project: Path = ROOT, python: str = sys.executable,
+              port: int | None = None) -> ExampleScript:
+        script = ExampleScript(project, python, tmp_path / f"instance-{len(scripts)}",
+                               port or free_port())
+        scripts.append(script)
+        return script
+
+    yield start
+    for script in scripts:
+        if script.proc.poll() is None:
+            script.proc.send_signal(signal.SIGTERM)
+            try:
+                script.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        script.kill_session()
+        print(f"--- run-example.sh output:\n{script.output}")  # shown when a test fails

@@ -1,8 +1,9 @@
-"""Helpers shared by the test suites: waiting, free ports, worker subprocesses."""
+"""Helpers shared by the test suites: waiting, free ports, worker and script subprocesses."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,12 +90,14 @@ class WorkerProcess:
     :param app: the ``--app`` value.
     :param args: extra worker arguments.
     :param env: extra environment variables.
+    :param cwd: the folder it runs in (also put first on ``PYTHONPATH``).
     """
 
-    def __init__(self, app: str, args: list[str], env: dict[str, str]) -> None:
-        full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    def __init__(self, app: str, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
+        path = os.pathsep.join(dict.fromkeys([str(cwd), str(ROOT)]))
+        full_env = {**os.environ, **env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         self.cmd = [sys.executable, "-m", "flask", "--app", app, "tasks", "worker", *args]
-        self.proc = subprocess.Popen(self.cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(self.cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
@@ -139,3 +144,72 @@ class WorkerProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+
+
+class ExampleScript:
+    """``scripts/run-example.sh`` of ``project`` in its own session, its output captured."""
+
+    def __init__(self, project: Path, python: str, instance: Path, port: int) -> None:
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("PYTHONPATH", "VIRTUAL_ENV", "BROKER_URL", "RESULT_BACKEND")}
+        env.update(PYTHON=python, PORT=str(port), EXAMPLE_INSTANCE_PATH=str(instance),
+                   PYTHONUNBUFFERED="1")
+        self.port = port
+        self.proc = subprocess.Popen(
+            ["bash", str(project / "scripts" / "run-example.sh")], cwd=project, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True)
+        self.session = self.proc.pid
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run-example.sh exited with {self.proc.returncode} "
+                                     f"before it was ready:\n{self.output}")
+            return "  Ready." in self.output
+        wait_for(ready, timeout, interval=0.1, message=f"the example to be ready:\n{self.output}")
+
+    def pid_of(self, name: str) -> int:
+        match = re.search(rf"^  {name}: +pid (\d+), log (\S+)$", self.output, re.MULTILINE)
+        assert match, self.output
+        return int(match.group(1))
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"run-example.sh still runs after {timeout} s:\n"
+                                 f"{self.output}") from None
+        self._reader.join(timeout=5)
+        return code
+
+    def leftovers(self) -> list[str]:
+        """Processes of the script's session still alive (its children and theirs)."""
+        alive = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getsid(proc.pid) == self.session and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])}")
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return alive
+
+    def kill_session(self) -> None:
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(proc.pid) == self.session:
+                    proc.kill()
+            except (ProcessLookupError, psutil.Error):
+                continue
