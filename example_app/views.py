@@ -154,14 +154,27 @@ function cell(tag, text) {
   return el;
 }
 
+function showError(text) {
+  bar.hidden = true;
+  output.replaceChildren(cell("p", text));
+  output.firstChild.className = "error";
+}
+
 function showStats(result) {
   output.replaceChildren(cell("p", `${result.filename}: ${result.rows} rows, ` +
     `${result.columns.length} columns (report #${result.report_id}).`));
+  if (Object.keys(result.stats).length === 0) {
+    output.appendChild(cell("p", "No statistics: no column holds numbers " +
+      `(${result.columns.join(", ")}). Statistics are computed for numeric columns only.`));
+    output.lastChild.id = "no-stats";
+    return;
+  }
   const names = ["column", "count", "sum", "min", "max", "mean", "non-numeric"];
   const table = document.createElement("table");
   const head = table.insertRow();
   names.forEach(name => head.appendChild(cell("th", name)));
-  for (const [column, s] of Object.entries(result.stats)) {
+  for (const column of result.columns.filter(name => name in result.stats)) {  // file order
+    const s = result.stats[column];
     const row = table.insertRow();
     [column, s.count, s.sum, s.min, s.max, s.mean.toFixed(3), s.non_numeric]
       .forEach(value => row.appendChild(cell("td", String(value))));
@@ -169,8 +182,24 @@ function showStats(result) {
   output.appendChild(table);
 }
 
+async function getJson(url, options) {
+  const reply = await fetch(url, options);
+  try {
+    return [reply, await reply.json()];
+  } catch {
+    return [reply, {error: `The server answered ${reply.status} ${reply.statusText}.`}];
+  }
+}
+
 async function poll(taskId) {
-  const reply = await (await fetch(`tasks/${taskId}`)).json();
+  let reply;
+  try {
+    reply = (await getJson(`tasks/${taskId}`))[1];
+  } catch (error) {
+    stateLine.textContent = `Task ${taskId}: state unknown`;
+    showError(`Lost contact with the web app (${error.message}); is it still running?`);
+    return;
+  }
   stateLine.textContent = `Task ${taskId}: ${reply.state}`;
   if (reply.progress && reply.progress.total) {
     bar.max = reply.progress.total;
@@ -181,8 +210,7 @@ async function poll(taskId) {
     bar.max = 1; bar.value = 1;
     showStats(reply.result);
   } else if (reply.error) {
-    output.replaceChildren(cell("p", reply.error));
-    output.firstChild.className = "error";
+    showError(reply.error);
   } else {
     setTimeout(() => poll(taskId), 300);
   }
@@ -197,12 +225,16 @@ form.addEventListener("submit", async event => {
   const headers = body === data ? {} : {"Content-Type": "application/json"};
   output.replaceChildren();
   bar.hidden = false; bar.max = 1; bar.value = 0;
-  const reply = await fetch("analyze", {method: "POST", body, headers});
-  const json = await reply.json();
+  let reply, json;
+  try {
+    [reply, json] = await getJson("analyze", {method: "POST", body, headers});
+  } catch (error) {
+    showError(`Could not reach the web app (${error.message}); is it still running?`);
+    return;
+  }
   if (!reply.ok) {
     stateLine.textContent = "";
-    output.replaceChildren(cell("p", json.error));
-    output.firstChild.className = "error";
+    showError(json.error);
     return;
   }
   poll(json.task_id);
