@@ -33,13 +33,28 @@ def mask_url(url: str | None) -> str:
         return f"{head}{sep}**@{tail.rsplit('@', 1)[-1]}" if "@" in tail else url
 
 
+class BrokerConnection(Connection):
+    """kombu's :class:`~kombu.Connection`, shown without a password it does not have.
+
+    kombu's ``as_uri()`` (which ``ConsumerMixin`` logs as "Connected to ...")
+    writes ``:**@`` even when the URL has no password; here a URL without one
+    is shown as it is, and one with a password still has it masked.
+    """
+
+    def as_uri(self, include_password: bool = False, mask: str = "**",
+               *args: Any, **kwargs: Any) -> str:
+        if not include_password and not self.password:
+            include_password = True  # nothing to hide
+        return str(super().as_uri(include_password, mask, *args, **kwargs))
+
+
 def broker_connection(url: str, transport_options: Mapping[str, Any] | None = None,
                       connect_timeout: float | None = None) -> Connection:
     """A kombu :class:`~kombu.Connection` for ``url`` (the embedded scheme registered)."""
     if url.startswith("embedded:"):
         from .transport import embedded  # noqa: F401 - registers the scheme
 
-    connection = Connection(url, transport_options=dict(transport_options or {}),
+    connection = BrokerConnection(url, transport_options=dict(transport_options or {}),
                             connect_timeout=connect_timeout)
     if connection.transport_cls in ("redis", "rediss"):
         from .transport.redis import Transport
