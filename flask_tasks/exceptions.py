@@ -17,6 +17,8 @@ The hierarchy::
         └── Reject                      raise in a task: reject (optionally requeue) the message
     BaseException
     └── SoftTimeLimitExceeded           raised inside a task when its soft limit passes
+    UserWarning
+    └── ConfigWarning                   a setting is ignored (e.g. an unsupported Celery name)
 
 Names follow Celery's (``celery.exceptions``) so code written for Celery
 catches the same things.
@@ -119,7 +121,17 @@ class WorkerLostError(TasksError):
     """The process running the task exited before the task finished."""
 
 
+class ConfigWarning(UserWarning):
+    """A setting is ignored or has no effect; the message names it.
+
+    Issued by :meth:`Tasks.init_app`, for example for a Celery setting in
+    ``app.config["CELERY"]`` that flask_tasks does not support. Make it an
+    error in tests with ``warnings.simplefilter("error", ConfigWarning)``.
+    """
+
+
 __all__ = [
+    "ConfigWarning",
     "DecodeError",
     "EncodeError",
     "Ignore",

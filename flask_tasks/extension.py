@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from flask import Flask, current_app, has_app_context
 
 from . import config as config_module
+from .exceptions import ImproperlyConfigured
 from .registry import Registry, shared_registry
 from .result import AsyncResult
 from .control import Control
@@ -33,17 +35,16 @@ class Tasks:
     with its own config; tasks defined with ``@tasks.task`` are shared by all
     of them. Per-app state is kept in a weak mapping, never on ``self``.
 
-    :param app: an app to initialize at once (also used for calls made
-        outside an app context).
+    :param app: an app to initialize at once (``Tasks(app)`` is ``Tasks()``
+        then ``init_app(app)``). Outside an app context, tasks are sent with
+        the only app the extension is bound to (:attr:`default_app`).
     """
 
     def __init__(self, app: Flask | None = None) -> None:
         self.registry = Registry()
         self._states: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
-        self._default_app: weakref.ref[Flask] | None = None
         _all_extensions.add(self)
         if app is not None:
-            self._default_app = weakref.ref(app)
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
@@ -67,13 +68,28 @@ class Tasks:
         if "tasks" not in app.cli.commands:
             app.cli.add_command(tasks_cli)
 
-    def state(self, app: Flask | None = None) -> AppState:
-        """The :class:`AppState` of ``app`` (default: the current app).
+    @property
+    def default_app(self) -> Flask | None:
+        """The app used outside an app context: the only app this extension is bound to.
 
-        :raises RuntimeError: ``app`` was not initialized with this extension.
+        That is the app of ``Tasks(app)`` or of a single ``init_app``, as in a
+        Celery shell. ``None`` when the extension is bound to no app, or to
+        several (then only an app context says which one to use).
+        """
+        apps = _live_apps(lambda: list(self._states.keys()))
+        return apps[0] if len(apps) == 1 else None
+
+    def state(self, app: Flask | None = None) -> AppState:
+        """The :class:`AppState` of ``app``.
+
+        :param app: the app; ``None`` means the current app, or outside an
+            app context :attr:`default_app`.
+        :raises RuntimeError: ``app`` was not initialized with this extension,
+            or there is no app context and the extension is bound to no app
+            or to several.
         """
         if app is None:
-            return self._current_state()
+            app = self._app_for_call()
         try:
             return self._states[app]
         except KeyError:
@@ -82,16 +98,24 @@ class Tasks:
                 f"Call tasks.init_app(app) in the app factory."
             ) from None
 
-    def _current_state(self) -> AppState:
+    def _app_for_call(self) -> Flask:
         if has_app_context():
-            return self.state(current_app._get_current_object())  # type: ignore[attr-defined]
-        app = self._default_app() if self._default_app is not None else None
-        if app is None:
+            return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+        apps = _live_apps(lambda: list(self._states.keys()))
+        if len(apps) == 1:
+            return apps[0]
+        if not apps:
             raise RuntimeError(
-                "Working outside of application context: flask_tasks needs to know which app's "
-                "broker to use. Call this inside a request or `with app.app_context():`."
+                "Working outside of application context, and this Tasks instance is not "
+                "bound to an app yet, so flask_tasks does not know which app's broker to use. "
+                "Call tasks.init_app(app) in the app factory, and call tasks inside a request "
+                "or `with app.app_context():`."
             )
-        return self.state(app)
+        raise RuntimeError(
+            f"Working outside of application context, and this Tasks instance is bound to "
+            f"{len(apps)} apps ({_names(apps)}), so flask_tasks does not know which app's "
+            f"broker to use. Call it inside a request or `with app.app_context():`."
+        )
 
     # -- defining tasks ----------------------------------------------------------
     @overload
@@ -137,19 +161,103 @@ class Tasks:
                   kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
         """Send a task by name (it need not be importable here); options as :meth:`Task.apply_async`.
 
+        Sent with the current app, or outside an app context with :attr:`default_app`.
+
         :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized.
+        :raises RuntimeError: no app context, and the extension is bound to
+            no app or to several.
         """
-        return self._current_state().send_task(name, args, kwargs,
-                                               task=self._current_state().get_task(name), **options)
+        state = self.state()
+        return state.send_task(name, args, kwargs, task=state.get_task(name), **options)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
-        """The :class:`AsyncResult` of ``task_id`` on the current app's result backend."""
-        return self._current_state().result(task_id)
+        """The :class:`AsyncResult` of ``task_id`` on the current app's result backend.
+
+        Outside an app context: on :attr:`default_app`'s.
+
+        :raises RuntimeError: no app context, and the extension is bound to
+            no app or to several.
+        """
+        return self.state().result(task_id)
 
     @property
     def control(self) -> Control:
         """Remote control of workers: ``tasks.control.revoke(task_id, terminate=False)``."""
-        return Control(self._current_state)
+        return Control(self.state)
+
+
+class _CurrentAppTasks:
+    """What shared tasks are sent through: the ``Tasks`` extension of the current app.
+
+    Outside an app context, the only app in the process that has a
+    flask_tasks extension (:class:`flask_tasks.task.TaskOwner`).
+    """
+
+    @property
+    def default_app(self) -> Flask | None:
+        """The only live app with a flask_tasks extension, or ``None`` (none or several)."""
+        apps = _live_apps(_all_apps)
+        return apps[0] if len(apps) == 1 else None
+
+    def state(self, app: Flask | None = None) -> AppState:
+        """The :class:`AppState` of ``app`` (default: the current app, else the only one).
+
+        :raises ImproperlyConfigured: the app has no flask_tasks extension.
+        :raises RuntimeError: no app context, and no app or several apps in
+            this process have a flask_tasks extension.
+        """
+        if app is None:
+            app = self._app_for_call()
+        ext = app.extensions.get("tasks")
+        if not isinstance(ext, Tasks):
+            raise ImproperlyConfigured(
+                f"The app {app.import_name!r} has no flask_tasks extension, so shared "
+                f"tasks have nowhere to go. Call tasks.init_app(app) in the app factory."
+            )
+        return ext.state(app)
+
+    def _app_for_call(self) -> Flask:
+        if has_app_context():
+            return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+        apps = _live_apps(_all_apps)
+        if len(apps) == 1:
+            return apps[0]
+        found = (f"{len(apps)} apps in this process have one ({_names(apps)})" if apps
+                 else "no app in this process has one yet (call tasks.init_app(app))")
+        raise RuntimeError(
+            f"Working outside of application context: flask_tasks sends a shared task "
+            f"through the current app's extension, or else through the only app that "
+            f"has one, and {found}. Call it inside a request or "
+            f"`with app.app_context():`."
+        )
+
+
+_current_app_tasks = _CurrentAppTasks()
+
+
+def _all_apps() -> list[Flask]:
+    """Every app some ``Tasks`` extension in this process is bound to."""
+    return [app for ext in list(_all_extensions) for app in list(ext._states.keys())]
+
+
+def _live_apps(apps: Callable[[], list[Flask]]) -> list[Flask]:
+    """``apps()``, without the apps the program has dropped.
+
+    Apps are held weakly, but a Flask app sits in reference cycles (its
+    static view is a bound method), so an app nobody uses any more stays in
+    a weak mapping until the cycle collector runs. Before concluding that
+    there are several apps, collect once.
+    """
+    found = apps()
+    if len(found) <= 1:
+        return found
+    del found  # a strong reference would keep them all alive
+    gc.collect()
+    return apps()
+
+
+def _names(apps: Sequence[Flask]) -> str:
+    return ", ".join(repr(app.import_name) for app in apps)
 
 
 @overload
@@ -172,14 +280,15 @@ def shared_task(  # type: ignore[misc]  # as Tasks.task
     """Define a task without the ``Tasks`` object (for blueprints and libraries).
 
     It is visible to every app and is sent through the current app's ``Tasks``
-    extension. Options as :meth:`Tasks.task`; typed the same way.
+    extension; outside an app context, through the only app in the process
+    that has one. Options as :meth:`Tasks.task`; typed the same way.
 
     :raises ValueError: another task already has this name.
     """
     options["bind"] = bind
 
     def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
-        task = make_task(f, None, options)
+        task = make_task(f, _current_app_tasks, options)
         for ext in list(_all_extensions):
             ext.registry.check_free(task)
         shared_registry.register(task)

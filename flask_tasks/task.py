@@ -13,16 +13,17 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
-from flask import current_app, has_app_context
+from flask import has_app_context
 
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
 from .protocol import Request
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
-    from .extension import Tasks
+    from flask import Flask
+
     from .state import AppState
 
 P = ParamSpec("P")
@@ -39,6 +40,25 @@ TASK_OPTIONS = frozenset({
     "retry_jitter", "retry_kwargs", "rate_limit", "time_limit", "soft_time_limit",
     "expires", "throws", "reject_on_worker_lost", "typing",
 })
+
+
+class TaskOwner(Protocol):
+    """What a task needs from the extension it is sent through.
+
+    :class:`~flask_tasks.Tasks` for ``@tasks.task``; for ``@shared_task``,
+    the ``Tasks`` of the current app (outside an app context, of the only
+    app in the process that has one).
+    """
+
+    @property
+    def default_app(self) -> Flask | None:
+        """The app to use outside an app context (``None``: none, or not one alone)."""
+
+    def state(self, app: Flask | None = None) -> AppState:
+        """The app's state (``None``: the current app, else :attr:`default_app`).
+
+        :raises RuntimeError: no app context and no single app to use.
+        """
 
 
 class Task(Generic[P, R]):
@@ -89,8 +109,9 @@ class Task(Generic[P, R]):
     #: Check call arguments against the function's signature in the caller.
     typing: bool = True
 
-    #: The ``Tasks`` object that defined this task (None for shared tasks).
-    _tasks: Tasks | None = None
+    #: What sends this task: the ``Tasks`` that defined it, or, for shared
+    #: tasks, the current app's. Set by :func:`make_task`.
+    _tasks: TaskOwner
     _fn: Callable[..., Any] | None = None
     _signature: inspect.Signature | None = None
 
@@ -147,20 +168,7 @@ class Task(Generic[P, R]):
 
     # -- app state -------------------------------------------------------------
     def _state(self) -> AppState:
-        if self._tasks is not None:
-            return self._tasks._current_state()
-        if not has_app_context():
-            raise RuntimeError(
-                f"Shared task {self.name!r} was called outside an application context. "
-                f"Call it inside `with app.app_context():` or a request."
-            )
-        ext = current_app.extensions.get("tasks")
-        if ext is None:
-            raise ImproperlyConfigured(
-                f"The current app has no flask_tasks extension, so shared task "
-                f"{self.name!r} has nowhere to go. Call tasks.init_app(app) in the factory."
-            )
-        return ext._current_state()  # type: ignore[no-any-return]
+        return self._tasks.state()
 
     def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """Check that the call matches the function's signature.
@@ -175,15 +183,19 @@ class Task(Generic[P, R]):
 
     # -- calling ---------------------------------------------------------------
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the task here and now, in this process; nothing is sent."""
+        """Run the task here and now, in this process; nothing is sent.
+
+        Outside an app context it runs in an app context of the app the task
+        would be sent with (``Tasks(app)``, or a single ``init_app``); when
+        there is no single such app, without an app context.
+        """
         token = current_request.set(Request(id=str(uuid.uuid4()), task=self.name, args=list(args),
                                             kwargs=dict(kwargs), called_directly=True))
         try:
-            if not has_app_context() and self._tasks is not None and self._tasks._default_app:
-                app = self._tasks._default_app()
-                if app is not None:
-                    with app.app_context():
-                        return self.run(*args, **kwargs)  # type: ignore[no-any-return]
+            app = None if has_app_context() else self._tasks.default_app
+            if app is not None:
+                with app.app_context():
+                    return self.run(*args, **kwargs)  # type: ignore[no-any-return]
             return self.run(*args, **kwargs)  # type: ignore[no-any-return]
         finally:
             current_request.reset(token)
@@ -417,8 +429,11 @@ class Task(Generic[P, R]):
         """Called in the worker after the task ran, whatever the outcome."""
 
 
-def make_task(fn: Callable[..., Any], tasks: Tasks | None, options: Mapping[str, Any]) -> Task[Any, Any]:
-    """Create the task object for ``fn`` from ``@task`` options (``base`` defaults to :class:`Task`)."""
+def make_task(fn: Callable[..., Any], tasks: TaskOwner, options: Mapping[str, Any]) -> Task[Any, Any]:
+    """Create the task object for ``fn`` from ``@task`` options (``base`` defaults to :class:`Task`).
+
+    :param tasks: what sends the task (a ``Tasks``, or the shared tasks' owner).
+    """
     base = options.get("base") or Task
     if not (isinstance(base, type) and issubclass(base, Task)):
         raise TypeError(f"base= must be a subclass of flask_tasks.Task, not {base!r}")
