@@ -1,16 +1,21 @@
-"""Throughput, latency and memory of flask_tasks against a local Redis.
+"""Throughput, latency and memory of flask_tasks against a local Redis or the embedded default.
 
     python bench/throughput.py [--runs 5] [--tasks 10000] [--compare celery]
+    python bench/throughput.py --broker embedded [--runs 5] [--tasks 10000]
 
-Starts its own ``redis-server`` on a free loopback port (or uses ``--redis-url``),
-then measures, median of ``--runs`` runs each:
+Starts its own ``redis-server`` on a free loopback port (or uses ``--redis-url``);
+with ``--broker embedded``, uses the zero-configuration default instead (no
+``BROKER_URL``/``RESULT_BACKEND``: two SQLite files in a temporary folder).
+Then measures, median of ``--runs`` runs each:
 
 - publish rate: ``noop.delay()`` from one process, tasks/s;
 - drain rate: ``--tasks`` queued no-op tasks, results stored, run by a fresh
   ``flask tasks worker -c 2`` (prefork, ``-l WARNING`` as Celery's default):
   tasks / seconds from the first message taken to the last result stored
   (worker start-up excluded);
-- round trip: one ``delay()`` + ``get()`` at a time on a warm worker, p50/p99 ms;
+- round trip: one ``delay()`` + ``get()`` at a time on a warm worker, p50/p99 ms
+  (with ``--gap S``: each after a pause of ``S`` seconds plus up to 0.1 s at
+  random, the latency of a worker that has been idle that long);
 - idle worker memory: RSS of the worker's processes (main + children), MiB.
 
 With ``--compare celery`` / ``--compare dramatiq`` (repeatable) the same
@@ -26,18 +31,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import redis
@@ -81,14 +87,97 @@ def redis_server(url: str | None) -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextmanager
+def embedded_folder() -> Iterator[str]:
+    """A temporary instance folder for the embedded broker and results."""
+    folder = tempfile.mkdtemp(prefix="bench-embedded-")
+    try:
+        yield "embedded:" + folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class RedisStore:
+    """Where a side keeps its messages and results: one Redis database."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+
+    def flush(self) -> None:
+        self.client.flushdb()
+
+    def waiting(self, queue_key: str) -> int:
+        """Messages in the queue, not yet taken by a worker."""
+        return int(self.client.llen(queue_key))
+
+    def stored(self, keys: list[str]) -> int:
+        """How many of ``keys`` have a result."""
+        return sum(int(self.client.exists(*keys[i:i + 1000])) for i in range(0, len(keys), 1000))
+
+
+class EmbeddedStore:
+    """The embedded default's two SQLite files (names as in ``flask_tasks.state``)."""
+
+    def __init__(self, folder: str) -> None:
+        self.paths = {"broker": Path(folder, "flask_tasks-broker.sqlite"),
+                      "results": Path(folder, "flask_tasks-results.sqlite")}
+        self._conns: dict[str, sqlite3.Connection] = {}
+
+    def _query(self, db: str, sql: str, params: tuple[Any, ...] = ()) -> int:
+        if db not in self._conns:
+            if not self.paths[db].exists():
+                return 0
+            self._conns[db] = sqlite3.connect(self.paths[db], timeout=30, isolation_level=None)
+        try:
+            cursor = self._conns[db].execute(sql, params)
+        except sqlite3.OperationalError as exc:  # the table is made on first use
+            if "no such table" in str(exc):
+                return 0
+            raise
+        row = cursor.fetchone()
+        return int(row[0]) if row else cursor.rowcount
+
+    def flush(self) -> None:
+        self._query("broker", "DELETE FROM messages")
+        self._query("results", "DELETE FROM celery_taskmeta")
+
+    def waiting(self, queue_key: str) -> int:
+        return self._query("broker", "SELECT COUNT(*) FROM messages WHERE queue = ?"
+                           " AND lease_owner IS NULL", (queue_key,))
+
+    def stored(self, keys: list[str]) -> int:
+        # Counting the rows is cheap; the ids are checked once they are all there
+        # (the table was flushed before the tasks were sent).
+        if len(keys) > 1:
+            rows = self._query("results", "SELECT COUNT(*) FROM celery_taskmeta")
+            if rows < len(keys):
+                return rows
+        sql = ("SELECT COUNT(*) FROM celery_taskmeta"
+               " WHERE task_id IN (SELECT value FROM json_each(?))")
+        return sum(self._query("results", sql, (json.dumps(keys[i:i + 1000]),))
+                   for i in range(0, len(keys), 1000))
+
+
 class Side:
-    """One system under test: send a no-op, find its result, start a worker."""
+    """One system under test: send a no-op, find its result, start a worker.
+
+    :param url: the Redis URL, or ``embedded:<folder>`` for the embedded default.
+    """
 
     def __init__(self, name: str, url: str, extra_args: list[str] | None = None) -> None:
         self.name = name
         self.url = url
-        self.env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
-        os.environ["BENCH_REDIS_URL"] = url
+        self.embedded = url.startswith("embedded:")
+        self.store: RedisStore | EmbeddedStore
+        if self.embedded:
+            folder = url.partition(":")[2]
+            self.store = EmbeddedStore(folder)
+            self.env = {**os.environ, "BENCH_EMBEDDED_DIR": folder, "PYTHONPATH": str(ROOT)}
+            os.environ["BENCH_EMBEDDED_DIR"] = folder
+        else:
+            self.store = RedisStore(url)
+            self.env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
+            os.environ["BENCH_REDIS_URL"] = url
         if name == "flask_tasks":
             from bench.benchapp import create_app, noop
 
@@ -119,7 +208,7 @@ class Side:
     def result_key(self, handle: Any) -> str:
         if self.name == "dramatiq":
             return str(self.dramatiq.backend.build_message_key(handle))
-        return "celery-task-meta-" + handle.id
+        return handle.id if self.embedded else "celery-task-meta-" + handle.id
 
     def round_trip(self) -> None:
         handle = self.send()
@@ -143,7 +232,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def measure_publish(side: Side, n: int) -> float:
-    redis.Redis.from_url(side.url).flushdb()
+    side.store.flush()
     start = time.perf_counter()
     for _ in range(n):
         side.send()
@@ -152,18 +241,18 @@ def measure_publish(side: Side, n: int) -> float:
 
 def measure_drain(side: Side, n: int) -> float:
     """N / (first message taken .. last result stored), the same way for every system."""
-    client = redis.Redis.from_url(side.url)
-    client.flushdb()
+    store = side.store
+    store.flush()
     keys = [side.result_key(side.send()) for _ in range(n)]
     worker = side.start_worker()
     try:
         deadline = time.monotonic() + 300
-        while client.llen(side.queue_key) >= n and time.monotonic() < deadline:
+        while store.waiting(side.queue_key) >= n and time.monotonic() < deadline:
             time.sleep(0.001)
         began = time.perf_counter()
-        while not client.exists(keys[-1]) and time.monotonic() < deadline:
+        while not store.stored(keys[-1:]) and time.monotonic() < deadline:
             time.sleep(0.002)
-        while sum(client.exists(*keys[i:i + 1000]) for i in range(0, n, 1000)) < n:
+        while store.stored(keys) < n:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{side.name}: timed out waiting for results")
             time.sleep(0.002)
@@ -173,8 +262,9 @@ def measure_drain(side: Side, n: int) -> float:
     return n / elapsed
 
 
-def measure_latency_and_rss(side: Side, samples: int) -> tuple[float, float, float, float]:
-    redis.Redis.from_url(side.url).flushdb()
+def measure_latency_and_rss(side: Side, samples: int,
+                            gap: float = 0.0) -> tuple[float, float, float, float]:
+    side.store.flush()
     worker = side.start_worker()
     try:
         deadline = time.monotonic() + 60
@@ -189,6 +279,8 @@ def measure_latency_and_rss(side: Side, samples: int) -> tuple[float, float, flo
             side.round_trip()
         times = []
         for _ in range(samples):
+            if gap:
+                time.sleep(gap + random.uniform(0.0, 0.1))
             start = time.perf_counter()
             side.round_trip()
             times.append((time.perf_counter() - start) * 1000)
@@ -206,7 +298,7 @@ def run_all(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, dict[
     raw: dict[str, dict[str, list[float]]] = {n: {} for n in sides}
     for number in range(args.runs):
         for name, side in sides.items():
-            lat = measure_latency_and_rss(side, args.samples)
+            lat = measure_latency_and_rss(side, args.samples, args.gap)
             row = {"publish/s": measure_publish(side, args.tasks),
                    "drain/s": measure_drain(side, args.tasks),
                    "p50 ms": lat[0], "p99 ms": lat[1], "rss main MiB": lat[2],
@@ -224,6 +316,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs per measure (median)")
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks per publish/drain run")
     parser.add_argument("--samples", type=int, default=500, help="round trips per latency run")
+    parser.add_argument("--gap", type=float, default=0.0, metavar="S",
+                        help="pause S seconds (plus up to 0.1 s at random) before each round trip")
+    parser.add_argument("--broker", choices=["redis", "embedded"], default="redis",
+                        help="redis (default), or embedded: the zero-configuration default "
+                             "(SQLite broker and results in a temporary folder)")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     parser.add_argument("--compare", choices=["celery", "dramatiq"], action="append", default=[],
                         help="also measure this system in the same run (repeatable)")
@@ -231,8 +328,12 @@ def main() -> None:
                         help="also measure flask_tasks with these extra worker arguments, "
                              "e.g. --also='--prefetch-multiplier 16'")
     args = parser.parse_args()
-    with redis_server(args.redis_url) as url:
-        print(f"redis: {url}, runs: {args.runs}, tasks: {args.tasks}, cpus: {os.cpu_count()}")
+    if args.broker == "embedded" and args.compare:
+        parser.error("--compare needs Redis (Celery and Dramatiq run on it): drop --broker embedded")
+    with (embedded_folder() if args.broker == "embedded" else redis_server(args.redis_url)) as url:
+        print(f"{args.broker}: {url.partition('embedded:')[2] or url}, runs: {args.runs}, "
+              f"tasks: {args.tasks}, samples: {args.samples}, gap: {args.gap} s, "
+              f"cpus: {os.cpu_count()}")
         sides = {"flask_tasks": Side("flask_tasks", url)}
         if args.also:
             sides["ft " + args.also.replace("--prefetch-multiplier", "-m")] = Side(

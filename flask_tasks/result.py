@@ -116,8 +116,10 @@ class AsyncResult(Generic[R]):
         :param timeout: seconds to wait at most; ``None`` waits forever.
         :param propagate: re-raise the task's exception (with its own type
             where it can be rebuilt) if it failed; ``False`` returns it.
-        :param interval: seconds between polls, for backends that poll (SQL,
-            embedded); Redis is woken by the stored result instead.
+        :param interval: the longest wait between polls, seconds, for backends
+            that poll (SQL, embedded): they poll again after 1 ms, then wait
+            twice as long each time up to ``interval``. Redis is woken by the
+            stored result instead.
         :param on_message: called with the backend's meta mapping on each
             state change seen (progress updates included).
         :raises flask_tasks.exceptions.TimeoutError: not ready within ``timeout``.

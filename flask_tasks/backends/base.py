@@ -100,6 +100,9 @@ class Backend:
 
     #: True when :meth:`wait_for` must poll (``interval`` applies).
     polls = True
+    #: Seconds :meth:`wait_for` waits before its second poll; each later wait
+    #: is twice the one before, up to the caller's ``interval``.
+    first_poll_interval = 0.001
     #: True when the backend stores nothing (``disabled``).
     disabled = False
     #: Set by a prefork pool process: ``store_result(..., defer=True)`` may wait
@@ -288,25 +291,33 @@ class Backend:
     ) -> dict[str, Any]:
         """Block until the task is ready and return its meta, by polling.
 
+        The first wait between polls is :attr:`first_poll_interval`; each
+        later one doubles, up to ``interval``. A state change (``STARTED``,
+        progress) starts the waits over.
+
         :param timeout: seconds to wait at most (None: forever).
-        :param interval: seconds between polls.
+        :param interval: the longest wait between polls, seconds.
         :param on_message: called with each meta seen whose state changed.
         :raises TimeoutError: not ready within ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last_state = None
+        wait = min(self.first_poll_interval, interval)
         while True:
             meta = self.get_task_meta(task_id)
-            if on_message is not None and meta["status"] != last_state:
-                on_message(meta)
+            if meta["status"] != last_state:
+                if on_message is not None:
+                    on_message(meta)
+                if last_state is not None:
+                    wait = min(self.first_poll_interval, interval)
             last_state = meta["status"]
             if meta["status"] in states.READY_STATES:
                 return meta
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"Task {task_id} was not ready within {timeout} s "
                                    f"(state {meta['status']}).")
-            sleep = interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic()))
-            time.sleep(sleep)
+            time.sleep(wait if deadline is None else min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(wait * 2, interval)
 
     def forget(self, task_id: str) -> None:
         """Delete the stored result of ``task_id`` (it reads as PENDING afterwards)."""

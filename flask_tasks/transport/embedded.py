@@ -1,49 +1,48 @@
 """A kombu transport that keeps its messages in one local SQLite file.
 
-This is the zero-configuration default broker: several processes on one
-machine (web server, workers) share queues through one database file,
-with no server to run. Importing this module registers the ``embedded``
-scheme with kombu::
+The zero-configuration default broker: processes on one machine (web
+server, workers) share queues through one database file, with no server
+to run. Importing this module registers the ``embedded`` scheme::
 
     kombu.Connection("embedded:////var/lib/app/broker.sqlite")  # absolute
     kombu.Connection("embedded:///broker.sqlite")  # relative to the CWD
 
 Design: one ``messages`` row per queued message. A consumer *claims* the
-first ready row (highest ``priority`` first, 0-9, higher numbers first
-as in AMQP; then oldest) with one ``UPDATE ... RETURNING`` inside
-``BEGIN IMMEDIATE``, stamping it with a lease (owner token and
-``lease_until``). The row stays until the message is acked (deleted) or
-rejected (``requeue=False`` deletes it, ``requeue=True`` clears the
-lease). Closing a channel clears the leases of the messages it holds.
+first ready row (highest ``priority`` first, 0-9, as in AMQP; then
+oldest) with one ``UPDATE ... RETURNING`` inside ``BEGIN IMMEDIATE``,
+stamping it with a lease (owner token and ``lease_until``). The row stays
+until the message is acked (deleted) or rejected (``requeue=False``
+deletes it, ``requeue=True`` clears the lease). Closing a channel clears
+the leases of the messages it holds. Consumers poll (:mod:`.polling`)
+``min_polling_interval`` after a message, doubling up to
+``polling_interval``; an idle poll reads only SQLite's ``data_version``
+until another connection commits (or ``polling_interval`` passes).
 
 Guarantees:
 
 - At most one consumer holds a message at a time, across processes.
 - If the holder dies without acking (even ``kill -9``), the message is
   redelivered once its lease expires, ``visibility_timeout`` seconds
-  after the last renewal. Delivery is thus at least once;
-  ``delivery_info["redelivered"]`` marks a redelivery.
+  after the last renewal: at least once, with
+  ``delivery_info["redelivered"]`` set.
 - A slow consumer keeps its messages: while polled, a channel renews the
-  leases of the messages it holds (delivered, not acked) in one
-  ``UPDATE`` every ``visibility_timeout / 3`` seconds. A worker that
-  blocks while running a task calls :meth:`Channel.renew_leases` from
-  another thread instead.
+  leases of the messages it holds (delivered, not acked) every
+  ``visibility_timeout / 3`` seconds; a worker that blocks while running
+  a task calls :meth:`Channel.renew_leases` from another thread instead.
 
 Limits: one machine, on a local file system (SQLite locking is not safe
-on NFS or other network shares). Consumers poll, so latency is about
-``polling_interval``. Throughput is a few hundred to a few thousand
-messages per second; beyond that, or beyond one machine, use Redis.
-Leases use the wall clock: a large clock jump may redeliver early. Only
-``direct`` and ``topic`` exchanges work, not ``fanout``
-(``Transport.implements`` says so, so kombu and Celery do not try to
-broadcast). As in kombu's other virtual transports, exchange bindings
-live in process memory: a producer that routes through a named exchange
-must declare the queue (``publish(..., declare=[queue])``); the default
-exchange (``routing_key`` = queue name) always works.
+on NFS or other network shares); a few hundred to a few thousand messages
+per second (use Redis beyond that). Leases use the wall clock: a large
+clock jump may redeliver early. Only ``direct`` and ``topic`` exchanges
+work, not ``fanout`` (``Transport.implements`` says so). As in kombu's
+other virtual transports, exchange bindings live in process memory: a
+producer that routes through a named exchange must declare the queue
+(``publish(..., declare=[queue])``); the default exchange always works.
 
 Transport options (all seconds): ``visibility_timeout`` (default 30),
-``polling_interval`` (0.05), ``busy_timeout`` (30, wait for the file
-lock), ``housekeeping_interval`` (60, WAL truncation and vacuum).
+``polling_interval`` (0.05), ``min_polling_interval`` (0.001),
+``busy_timeout`` (30, wait for the file lock), ``housekeeping_interval``
+(60, WAL truncation and vacuum).
 """
 
 from __future__ import annotations
@@ -65,6 +64,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
 from ..protocol import envelope_eta
+from . import polling
 
 logger = logging.getLogger("flask_tasks.transport.embedded")
 
@@ -196,17 +196,15 @@ class QoS(virtual.QoS):
         return []
 
 
-class Channel(virtual.Channel):
+class Channel(polling.Channel):
     """A channel with its own SQLite connection, opened lazily per process.
 
     :param connection: The :class:`Transport` this channel belongs to.
     """
 
     QoS = QoS
-    from_transport_options = (  # type: ignore[assignment]
-        *virtual.Channel.from_transport_options,
-        *("visibility_timeout", "busy_timeout", "housekeeping_interval"),
-    )
+    from_transport_options = (*virtual.Channel.from_transport_options,  # type: ignore[assignment]
+                              "visibility_timeout", "busy_timeout", "housekeeping_interval")
     #: Seconds a delivered message stays leased without renewal.
     visibility_timeout: float = 30.0
     #: Seconds to wait for the database lock before failing.
@@ -277,6 +275,7 @@ class Channel(virtual.Channel):
         eta = envelope_eta(message)
         not_before = eta if eta is not None and eta > time.time() else None
         self._execute(sql, (queue, priority, dumps(message), not_before))
+        polling.doorbell.ring()
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, t.Any]:
         return self._claim(queue, no_ack=queue in self._noack_queues)
@@ -308,6 +307,7 @@ class Channel(virtual.Channel):
             " WHERE id = ? AND lease_owner = ?"
         )
         self._execute(sql, (_row_id(delivery_tag), self._db()[2]))
+        polling.doorbell.ring()
 
     def _restore(self, message: virtual.Message) -> None:
         self._release(message.delivery_tag)
@@ -354,6 +354,10 @@ class Channel(virtual.Channel):
                 pass
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
+    def change_token(self) -> tuple[int, int]:
+        """Commits by other connections (SQLite's ``data_version``), puts in this process."""
+        return self._query("PRAGMA data_version")[0][0], polling.doorbell.rings
 
     def drain_events(self, timeout: float | None = None, callback: t.Any = None) -> t.Any:
         self._maintain()  # also when prefetch is full and nothing is fetched
@@ -417,7 +421,7 @@ class Channel(virtual.Channel):
             conn.close()
 
 
-class Transport(virtual.Transport):
+class Transport(polling.Transport):
     """The kombu transport for ``embedded://`` URLs; see the module docs.
 
     :param client: The :class:`kombu.Connection` using this transport.
@@ -425,8 +429,6 @@ class Transport(virtual.Transport):
     """
 
     Channel = Channel
-    #: Seconds between polls of idle queues.
-    polling_interval = 0.05
     can_parse_url = True  # kombu passes the whole URL as the hostname
     driver_type = "sqlite"
     driver_name = "sqlite3"
@@ -434,9 +436,7 @@ class Transport(virtual.Transport):
         asynchronous=False, exchange_type=frozenset(["direct", "topic"]), heartbeats=False
     )
     connection_errors: tuple[type[BaseException], ...] = (  # type: ignore[assignment]
-        *virtual.Transport.connection_errors,
-        sqlite3.OperationalError,
-    )
+        *virtual.Transport.connection_errors, sqlite3.OperationalError)
 
     def __init__(self, client: t.Any, **kwargs: t.Any) -> None:
         #: Absolute path of the database file.

@@ -6,6 +6,8 @@ The Redis backend runs the same contract in tests/integration/test_backend_contr
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,41 @@ def test_sql_backend_retries_operational_errors_only(sql_backend: SQLBackend) ->
     assert not sql_backend.exception_safe_to_retry(
         OperationalError("INSERT", {}, Exception("no such table: celery_taskmeta")))
     assert not sql_backend.exception_safe_to_retry(ValueError("x"))
+
+
+class Scripted(Backend):
+    """Reads the states of one task from a script, one per poll (then the last)."""
+
+    def __init__(self, script: list[str]) -> None:
+        super().__init__()
+        self.script = script
+        self.reads = 0
+
+    def _get(self, task_id: str) -> dict[str, object] | None:
+        state = self.script[min(self.reads, len(self.script) - 1)]
+        self.reads += 1
+        return {"task_id": task_id, "status": state, "result": None, "traceback": None,
+                "children": [], "date_done": None}
+
+
+def test_polling_waits_double_up_to_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("flask_tasks.backends.base.time.sleep", waits.append)
+    script = [states.PENDING] * 10 + [states.STARTED] * 3 + [states.SUCCESS]
+    meta = Scripted(script).wait_for("t", interval=0.05)
+    assert meta["status"] == states.SUCCESS
+    assert waits[:10] == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05, 0.05, 0.05]
+    assert waits[10:] == [0.001, 0.002, 0.004]  # STARTED seen: the task runs, look soon
+    assert max(waits) <= 0.05
+    # An interval below the first wait caps every wait, the first one included.
+    waits.clear()
+    Scripted([states.PENDING] * 3 + [states.SUCCESS]).wait_for("t", interval=0.0005)
+    assert waits == [0.0005] * 3
+
+
+def test_polling_get_sees_a_result_soon_after_it_is_stored(sql_backend: Backend) -> None:
+    sql_backend.store_result("warm", 1, states.SUCCESS)  # the table exists, the engine is up
+    threading.Timer(0.05, sql_backend.store_result, ("soon", 2, states.SUCCESS)).start()
+    start = time.monotonic()
+    assert AsyncResult("soon", sql_backend).get(timeout=10) == 2  # default interval: 0.5 s
+    assert time.monotonic() - start < 0.3
