@@ -33,7 +33,13 @@ install() {
     "$PYTHON" -m pip install --quiet --disable-pip-version-check -e .
 }
 if ! importable; then
-    echo "Installing flask_tasks and its dependencies (pip install -e .) ..."
+    if "$PYTHON" -c "import flask_tasks" 2>/dev/null; then
+        echo "flask_tasks is installed, but its worker cannot be imported:"
+        "$PYTHON" -c "import flask_tasks.worker.main, flask_sqlalchemy" 2>&1 | tail -n 1 || true
+        echo "Reinstalling it with its dependencies (pip install -e .) ..."
+    else
+        echo "Installing flask_tasks and its dependencies (pip install -e .) ..."
+    fi
     if ! install; then
         if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
             echo "pip install failed in the virtualenv of $PYTHON (see above)." >&2
