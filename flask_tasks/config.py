@@ -290,6 +290,26 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(value: str | float) -> float:
+    """A Celery rate limit (``"10/s"``, ``"100/m"``, ``"5/h"``, or a number per second) as tasks/s.
+
+    :raises ValueError: not one of those forms, or not positive.
+    """
+    if isinstance(value, (int, float)):
+        return float(value)
+    count, _, unit = str(value).strip().partition("/")
+    try:
+        per_second = float(count) / _RATE_UNITS[unit.strip().lower()[:1] or "s"]
+    except (KeyError, ValueError):
+        raise ValueError(f"rate_limit {value!r} is not like '10/s', '100/m' or '5/h'") from None
+    if per_second <= 0:
+        raise ValueError(f"rate_limit {value!r} must be positive")
+    return per_second
+
+
 def load(mapping: Mapping[str, Any], instance_path: str | None = None) -> Config:
     """Build a :class:`Config` from ``app.config``.
 

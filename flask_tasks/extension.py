@@ -6,15 +6,16 @@ import gc
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, Unpack, overload
 
 from flask import Flask, current_app, has_app_context
 
 from . import config as config_module
+from .control import Control
 from .exceptions import ImproperlyConfigured
+from .options import CallOptions
 from .registry import Registry, shared_registry
 from .result import AsyncResult
-from .control import Control
 from .state import AppState
 from .task import Task, make_task
 
@@ -150,20 +151,23 @@ class Tasks:
 
         def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
             task = make_task(f, self, options)
-            shared_registry.check_free(task)
-            self.registry.register(task)
+            self.registry.register(task, also_free_in=[shared_registry])
             return task
 
         return decorator(fn) if fn is not None else decorator
 
     # -- calling and results -------------------------------------------------------
     def send_task(self, name: str, args: Sequence[Any] | None = None,
-                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> AsyncResult[Any]:
+                  kwargs: Mapping[str, Any] | None = None,
+                  **options: Unpack[CallOptions]) -> AsyncResult[Any]:
         """Send a task by name (it need not be importable here); options as :meth:`Task.apply_async`.
 
         Sent with the current app, or outside an app context with :attr:`default_app`.
+        The options are :class:`~flask_tasks.options.CallOptions`; one not
+        given is the task's (when it is registered here), else the app's setting.
 
         :raises flask_tasks.exceptions.EncodeError: an argument cannot be serialized.
+        :raises TypeError: an unknown option (the message names it).
         :raises RuntimeError: no app context, and the extension is bound to
             no app or to several.
         """
@@ -289,9 +293,7 @@ def shared_task(  # type: ignore[misc]  # as Tasks.task
 
     def decorator(f: Callable[..., Any]) -> Task[Any, Any]:
         task = make_task(f, _current_app_tasks, options)
-        for ext in list(_all_extensions):
-            ext.registry.check_free(task)
-        shared_registry.register(task)
+        shared_registry.register(task, also_free_in=[ext.registry for ext in list(_all_extensions)])
         return task
 
     return decorator(fn) if fn is not None else decorator

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import NotRegistered
@@ -17,15 +17,18 @@ class Registry:
     def __init__(self) -> None:
         self._tasks: dict[str, Task[Any, Any]] = {}
 
-    def register(self, task: Task[Any, Any]) -> None:
-        """Add ``task`` under ``task.name``.
+    def register(self, task: Task[Any, Any], also_free_in: Iterable[Registry] = ()) -> None:
+        """Add ``task`` under ``task.name``, the one check every definition goes through.
 
         Registering the same function again (a module imported twice, a
         reloader) replaces the old entry.
 
-        :raises ValueError: another function already uses this name.
+        :param also_free_in: registries that share this one's names (an
+            app's tasks and the shared tasks): the name must be free there too.
+        :raises ValueError: another function already uses this name, here or there.
         """
-        self.check_free(task)
+        for registry in (self, *also_free_in):
+            registry.check_free(task)
         self._tasks[task.name] = task
 
     def check_free(self, task: Task[Any, Any]) -> None:

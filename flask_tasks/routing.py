@@ -18,26 +18,6 @@ from kombu import Exchange, Queue
 RouterFunc = Callable[[str, Any, Any, Mapping[str, Any]], Any]
 
 
-_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_rate(value: str | float) -> float:
-    """A Celery rate limit (``"10/s"``, ``"100/m"``, ``"5/h"``, or a number per second) as tasks/s.
-
-    :raises ValueError: not one of those forms.
-    """
-    if isinstance(value, (int, float)):
-        return float(value)
-    count, _, unit = str(value).strip().partition("/")
-    try:
-        per_second = float(count) / _RATE_UNITS[unit.strip().lower()[:1] or "s"]
-    except (KeyError, ValueError):
-        raise ValueError(f"rate_limit {value!r} is not like '10/s', '100/m' or '5/h'") from None
-    if per_second <= 0:
-        raise ValueError(f"rate_limit {value!r} must be positive")
-    return per_second
-
-
 def make_queue(name: str) -> Queue:
     """Celery's automatic queue: a direct exchange and routing key named like the queue."""
     return Queue(name, Exchange(name, type="direct"), routing_key=name)

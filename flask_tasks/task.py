@@ -12,34 +12,53 @@ import inspect
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, Unpack
 
 from flask import has_app_context
 
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
+from .options import CallOptions, RetryOptions, check_task_options, retry_options
 from .protocol import Request
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .state import AppState
+    from .backends.base import Backend
+    from .config import Config
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 #: The request of the task running in this thread/context, if any.
 current_request: ContextVar[Request | None] = ContextVar("flask_tasks_request", default=None)
+#: The app state that runs the current task (set by :func:`flask_tasks.trace.trace_task`):
+#: :meth:`Task.retry` and :meth:`Task.update_state` go through it.
+current_state: ContextVar[TaskApp | None] = ContextVar("flask_tasks_state", default=None)
 
-#: Options ``@tasks.task(...)`` accepts, with Celery's names.
-TASK_OPTIONS = frozenset({
-    "name", "bind", "base", "ignore_result", "acks_late", "track_started", "queue",
-    "priority", "serializer", "compression", "max_retries", "default_retry_delay",
-    "autoretry_for", "dont_autoretry_for", "retry_backoff", "retry_backoff_max",
-    "retry_jitter", "retry_kwargs", "rate_limit", "time_limit", "soft_time_limit",
-    "expires", "throws", "reject_on_worker_lost", "typing",
-})
+
+class TaskApp(Protocol):
+    """What a task needs from its app: settings, a result backend, and ways to send.
+
+    :class:`flask_tasks.state.AppState` is one; see its methods for the details.
+    """
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def backend(self) -> Backend: ...
+    def send_task(self, name: str, args: Sequence[Any] | None = None,
+                  kwargs: Mapping[str, Any] | None = None, *, task: Task[Any, Any] | None = None,
+                  **options: Unpack[CallOptions]) -> AsyncResult[Any]: ...
+    def send_on_commit(self, name: str, args: Sequence[Any] | None = None,
+                       kwargs: Mapping[str, Any] | None = None, *,
+                       task: Task[Any, Any] | None = None,
+                       **options: Unpack[CallOptions]) -> AsyncResult[Any]: ...
+    def apply_eagerly(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                      *, task_id: str | None = None, throw: bool | None = None,
+                      **options: Any) -> EagerResult[Any]: ...
+    def result(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]: ...
 
 
 class TaskOwner(Protocol):
@@ -54,7 +73,7 @@ class TaskOwner(Protocol):
     def default_app(self) -> Flask | None:
         """The app to use outside an app context (``None``: none, or not one alone)."""
 
-    def state(self, app: Flask | None = None) -> AppState:
+    def state(self, app: Flask | None = None) -> TaskApp:
         """The app's state (``None``: the current app, else :attr:`default_app`).
 
         :raises RuntimeError: no app context and no single app to use.
@@ -120,12 +139,7 @@ class Task(Generic[P, R]):
 
     # -- definition ------------------------------------------------------------
     def _bind_function(self, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
-        unknown = set(options) - TASK_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"Unknown task option(s) {sorted(unknown)} for {fn.__qualname__}; "
-                f"known options: {sorted(TASK_OPTIONS)}."
-            )
+        check_task_options(options, fn.__qualname__)
         for key, value in options.items():
             if key not in ("base", "name"):
                 setattr(self, key, value)
@@ -167,8 +181,13 @@ class Task(Generic[P, R]):
         return self._fn(*args, **kwargs)
 
     # -- app state -------------------------------------------------------------
-    def _state(self) -> AppState:
+    def _state(self) -> TaskApp:
         return self._tasks.state()
+
+    def _running_state(self) -> TaskApp:
+        """The state that runs this call (see :data:`current_state`), else :meth:`_state`."""
+        state = current_state.get()
+        return state if state is not None else self._state()
 
     def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         """Check that the call matches the function's signature.
@@ -218,55 +237,21 @@ class Task(Generic[P, R]):
         """
         return self.apply_async(args, kwargs, on_commit=True)
 
-    def apply_async(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | timedelta | datetime | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        task_id: str | None = None,
-        link: Any = None,
-        link_error: Any = None,
-        retry: bool | None = None,
-        retry_policy: Mapping[str, Any] | None = None,
-        serializer: str | None = None,
-        compression: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        on_commit: bool = False,
-        **options: Any,
-    ) -> AsyncResult[R]:
+    def apply_async(self, args: Sequence[Any] | None = None,
+                    kwargs: Mapping[str, Any] | None = None, *, on_commit: bool = False,
+                    **options: Unpack[CallOptions]) -> AsyncResult[R]:
         """Send the task to a worker with options.
+
+        The options are declared in :class:`flask_tasks.options.CallOptions`:
+        ``countdown`` (seconds), ``eta``, ``expires`` (seconds or datetime),
+        ``queue``, ``priority``, ``task_id``, ``link``, ``link_error``,
+        ``retry``, ``retry_policy``, ``serializer``, ``compression``,
+        ``headers``, ``ignore_result``, ``time_limit`` and ``soft_time_limit``
+        (seconds). One not given is the task's attribute of the same name,
+        else the app's ``TASKS_*`` setting.
 
         :param args: positional arguments (a list or tuple).
         :param kwargs: keyword arguments.
-        :param countdown: run no earlier than this many seconds from now.
-        :param eta: run no earlier than this datetime (naive means UTC).
-        :param expires: seconds from now, or a datetime, after which the task
-            is not run (it ends REVOKED).
-        :param queue: queue name (default: the task's, then ``TASKS_ROUTES``,
-            then ``TASKS_DEFAULT_QUEUE``).
-        :param priority: message priority, 0-9 (broker support varies).
-        :param task_id: the id to use (default: a new UUID4).
-        :param link: signature(s) to call with the result on success.
-        :param link_error: signature(s) to call on failure.
-        :param retry: retry publishing on connection errors (default
-            ``TASKS_PUBLISH_RETRY``).
-        :param retry_policy: kombu retry policy (``max_retries``,
-            ``interval_start``, ``interval_step``, ``interval_max`` seconds).
-        :param serializer: message serializer (default: the task's, then
-            ``TASKS_SERIALIZER``).
-        :param compression: body compression (``gzip``, ``zlib``, ``bzip2``...).
-        :param headers: extra message headers.
-        :param ignore_result: store no result for this call.
-        :param time_limit: hard time limit for this call, seconds.
-        :param soft_time_limit: soft time limit for this call, seconds.
         :param on_commit: publish only after the app's Flask-SQLAlchemy session
             commits its current transaction, and not at all if it rolls back,
             so the task never runs before the rows it needs exist (outside a
@@ -276,7 +261,8 @@ class Task(Generic[P, R]):
             with ``on_commit`` a plain :class:`AsyncResult`).
         :raises flask_tasks.exceptions.EncodeError: an argument cannot be
             serialized; nothing was sent.
-        :raises TypeError: the arguments do not fit the function's signature.
+        :raises TypeError: the arguments do not fit the function's signature,
+            or an option is unknown (the message names it).
         :raises kombu.exceptions.OperationalError: the broker stayed unreachable.
         """
         args = tuple(args or ())
@@ -284,24 +270,11 @@ class Task(Generic[P, R]):
         self.check_arguments(args, kwargs)
         state = self._state()
         send = state.send_on_commit if on_commit else state.send_task
-        return send(  # type: ignore[return-value]
-            self.name, args, kwargs, task=self, countdown=countdown, eta=eta,
-            expires=expires, queue=queue, priority=priority, task_id=task_id, link=link,
-            link_error=link_error, retry=retry, retry_policy=retry_policy,
-            serializer=serializer, compression=compression, headers=headers,
-            ignore_result=ignore_result, time_limit=time_limit,
-            soft_time_limit=soft_time_limit, **options,
-        )
+        return send(self.name, args, kwargs, task=self, **options)
 
-    def apply(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        task_id: str | None = None,
-        throw: bool | None = None,
-        **options: Any,
-    ) -> EagerResult[R]:
+    def apply(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
+              *, task_id: str | None = None, throw: bool | None = None,
+              **options: Any) -> EagerResult[R]:
         """Run the task in this process, as a worker would, and return an :class:`EagerResult`.
 
         The call is encoded and decoded like a real message (a value the
@@ -314,8 +287,7 @@ class Task(Generic[P, R]):
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         self.check_arguments(args, kwargs)
         state = self._state()
-        return state.apply_eagerly(self, args, kwargs,  # type: ignore[return-value]
-                                   task_id=task_id, throw=throw, **options)
+        return state.apply_eagerly(self, args, kwargs, task_id=task_id, throw=throw, **options)
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:  # noqa: N802 - Celery's name
         """An :class:`AsyncResult` for ``task_id`` on the current app's backend."""
@@ -344,7 +316,7 @@ class Task(Generic[P, R]):
         if not task_id:
             raise RuntimeError("update_state() needs a task_id outside a running task")
         request = current_request.get()
-        app_state = self._state()
+        app_state = self._running_state()
         if request is not None and request.is_eager and not app_state.config.store_eager_result:
             return
         app_state.backend.store_result(task_id, meta, state or "PENDING", request=request)
@@ -352,7 +324,7 @@ class Task(Generic[P, R]):
     def retry(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
               exc: BaseException | None = None, throw: bool = True,
               eta: datetime | None = None, countdown: float | None = None,
-              max_retries: int | None = None, **options: Any) -> Retry:
+              max_retries: int | None = None, **options: Unpack[RetryOptions]) -> Retry:
         """Run this task again later, with the same id; call it inside the running task.
 
         Publishes the call again (``request.retries`` one higher) to run after
@@ -377,6 +349,8 @@ class Task(Generic[P, R]):
         :param max_retries: overrides :attr:`max_retries` (None: no limit
             when the task's is None too).
         :param options: more :meth:`apply_async` options (``queue``, ``priority``...).
+            The retry is published through the state of the worker running
+            the task (see :data:`current_state`).
         :raises Retry: the retry was scheduled (with ``throw``).
         :raises MaxRetriesExceededError: no retries left and no ``exc`` given.
         """
@@ -396,14 +370,10 @@ class Task(Generic[P, R]):
             countdown = self.default_retry_delay
         signal = Retry(exc=exc, when=eta if eta is not None else countdown)
         if not request.is_eager:  # eager mode runs the retry at once, in apply()
-            timelimit = request.timelimit
-            options.setdefault("queue", (request.delivery_info or {}).get("routing_key") or None)
-            self._state().send_task(
+            self._running_state().send_task(
                 self.name, request.args if args is None else args,
-                request.kwargs if kwargs is None else kwargs, task=self, task_id=request.id,
-                countdown=countdown if eta is None else None, eta=eta, retries=retries,
-                expires=request.expires, time_limit=timelimit[0], soft_time_limit=timelimit[1],
-                root_id=request.root_id, parent_id=request.parent_id, **options)
+                request.kwargs if kwargs is None else kwargs, task=self,
+                **retry_options(request, retries, countdown if eta is None else None, eta, options))
         if throw:
             raise signal
         return signal

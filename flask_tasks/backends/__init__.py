@@ -8,5 +8,6 @@ Backends never import Flask.
 from __future__ import annotations
 
 from .base import Backend, DisabledBackend
+from .urls import make_backend
 
-__all__ = ["Backend", "DisabledBackend"]
+__all__ = ["Backend", "DisabledBackend", "make_backend"]

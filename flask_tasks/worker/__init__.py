@@ -2,5 +2,6 @@
 
 ``worker.main`` holds :class:`~flask_tasks.worker.main.Worker` (the consume
 loop, acks, signals, shutdown), ``worker.pools`` the prefork / threads / solo
-pools, ``worker.executor`` what happens to one message.
+pools, ``worker.executor`` the job a pool runs: decode one message and run it
+with :func:`flask_tasks.trace.trace_task`.
 """

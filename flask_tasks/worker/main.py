@@ -40,13 +40,13 @@ from kombu.mixins import ConsumerMixin
 from kombu.utils.limits import TokenBucket
 
 from .. import states
+from ..config import parse_rate
 from ..exceptions import NotRegistered, TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from ..extension import Tasks
 from ..protocol import Message as ProtocolMessage
 from ..protocol import Request, check_headers, parse, parse_datetime
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
-from ..routing import parse_rate
 from ..signals import (
     send_robust,
     task_received,

@@ -64,14 +64,14 @@ def test_every_setting_is_a_config_field_with_the_same_default() -> None:
 @pytest.mark.parametrize("value,per_second", [("10/s", 10.0), ("120/m", 2.0), ("36/h", 0.01),
                                               ("4", 4.0), (2.5, 2.5)])
 def test_parse_rate(value: object, per_second: float) -> None:
-    from flask_tasks.routing import parse_rate
+    from flask_tasks.config import parse_rate
 
     assert parse_rate(value) == pytest.approx(per_second)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", ["10/d", "fast", "0/s", "-1/s"])
 def test_parse_rate_rejects(value: str) -> None:
-    from flask_tasks.routing import parse_rate
+    from flask_tasks.config import parse_rate
 
     with pytest.raises(ValueError, match="rate_limit"):
         parse_rate(value)

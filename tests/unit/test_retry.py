@@ -11,7 +11,7 @@ from flask import Flask
 
 from flask_tasks import Task, Tasks, signals, states
 from flask_tasks.exceptions import MaxRetriesExceededError
-from flask_tasks.worker.executor import backoff_delay
+from flask_tasks.trace import backoff_delay
 
 tasks = Tasks()
 attempts: list[int] = []

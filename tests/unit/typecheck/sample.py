@@ -32,3 +32,7 @@ shared.delay(True)
 shared.delay(1, 2)  # error
 add.delay_on_commit(1, 2)
 add.delay_on_commit("x", 2)  # error
+add.apply_async((1, 2), contdown=1.0)  # error
+add.apply_async((1, 2), priority="high")  # error
+tasks.send_task("sample.add", (1, 2), queue="hipri", expires=60)
+tasks.send_task("sample.add", (1, 2), qeue="hipri")  # error
