@@ -116,7 +116,7 @@ class RedisStore:
 
 
 class EmbeddedStore:
-    """The embedded default's two SQLite files (names as in ``flask_tasks.state``)."""
+    """The embedded default's two SQLite files (names as in ``flask_tasks.app_state``)."""
 
     def __init__(self, folder: str) -> None:
         self.paths = {"broker": Path(folder, "flask_tasks-broker.sqlite"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import exceptions, signals, states
 from .extension import Tasks, shared_task
-from .state import AppState
+from .app_state import AppState
 from .result import AsyncResult, EagerResult
 from .task import Task
 

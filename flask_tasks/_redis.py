@@ -16,7 +16,7 @@ from redis.exceptions import NoScriptError, ResponseError
 _RETRY_ON = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
 
 
-def execute(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
+def round_trip(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
     """Run ``commands`` in one round trip and return their replies, in order.
 
     A connection that fails is dropped and the batch is sent once more on a
@@ -65,7 +65,7 @@ class Script:
         if self.sha is None:
             self.sha = client.script_load(self.source)
         try:
-            return execute(client, ("EVALSHA", self.sha, len(keys), *keys, *args))[0]
+            return round_trip(client, ("EVALSHA", self.sha, len(keys), *keys, *args))[0]
         except NoScriptError:  # the server restarted or flushed its scripts
             self.sha = client.script_load(self.source)
-            return execute(client, ("EVALSHA", self.sha, len(keys), *keys, *args))[0]
+            return round_trip(client, ("EVALSHA", self.sha, len(keys), *keys, *args))[0]

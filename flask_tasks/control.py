@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .state import AppState
+    from .app_state import AppState
 
 
 class Control:
     """``tasks.control`` for the current app.
 
-    :param state: returns the current app's :class:`~flask_tasks.state.AppState`.
+    :param state: returns the current app's :class:`~flask_tasks.app_state.AppState`.
     """
 
     def __init__(self, state: Callable[[], AppState]) -> None:

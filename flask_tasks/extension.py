@@ -16,7 +16,7 @@ from .exceptions import ImproperlyConfigured
 from .options import CallOptions
 from .registry import Registry, shared_registry
 from .result import AsyncResult
-from .state import AppState
+from .app_state import AppState
 from .task import Task, make_task
 
 if TYPE_CHECKING:

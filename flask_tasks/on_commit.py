@@ -20,7 +20,7 @@ from .result import AsyncResult
 from .task import Task, TaskApp
 
 #: Named as in the docs (docs/calling.md), from before this module had its own file.
-logger = logging.getLogger("flask_tasks.state")
+logger = logging.getLogger("flask_tasks.on_commit")
 
 #: Where a session keeps the calls that wait for its commit.
 _PENDING_KEY = "flask_tasks.on_commit"

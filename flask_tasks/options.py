@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
 
 from .config import Config
-from .protocol import Message, Request, build, to_datetime
+from .protocol import Message, Context, build, to_datetime
 
 T = TypeVar("T")
 
@@ -228,7 +228,7 @@ class ResolvedOptions(NamedTuple):
 
 
 def resolve(options: CallOptions, task: TaskDefaults | None, config: Config,
-            parent: Request | None = None) -> ResolvedOptions:
+            parent: Context | None = None) -> ResolvedOptions:
     """Resolve one call's options: the call's, else the task's, else the app's setting.
 
     :param options: the call's options.
@@ -272,7 +272,7 @@ def resolve(options: CallOptions, task: TaskDefaults | None, config: Config,
     )
 
 
-def retry_options(request: Request, retries: int, countdown: float | None,
+def retry_options(request: Context, retries: int, countdown: float | None,
                   eta: datetime | None, options: RetryOptions) -> CallOptions:
     """The options of a retry of ``request``: its id, expiry, limits, root and parent, its queue.
 

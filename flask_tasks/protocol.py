@@ -157,7 +157,7 @@ def build(
 
 
 @dataclass
-class Request:
+class Context:
     """What a running task knows about its call: ``self.request`` in a bound task."""
 
     id: str
@@ -227,8 +227,8 @@ def parse(
     accept: set[str] | None,
     properties: Mapping[str, Any] | None = None,
     delivery_info: Mapping[str, Any] | None = None,
-) -> Request:
-    """Decode a protocol-2 message into a :class:`Request`.
+) -> Context:
+    """Decode a protocol-2 message into a :class:`Context`.
 
     :param accept: content types allowed, from :func:`accept_set` (None: any).
     :raises DecodeError: the body cannot be decoded, its content type is not
@@ -252,7 +252,7 @@ def parse(
     embed = embed if isinstance(embed, dict) else {}
     timelimit = headers.get("timelimit") or (None, None)
     props = properties or {}
-    return Request(
+    return Context(
         id=task_id,
         task=name,
         args=list(args),

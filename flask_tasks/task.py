@@ -19,7 +19,7 @@ from flask import has_app_context
 
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
 from .options import CallOptions, RetryOptions, check_task_options, retry_options
-from .protocol import Request
+from .protocol import Context
 from .result import AsyncResult, EagerResult
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: The request of the task running in this thread/context, if any.
-current_request: ContextVar[Request | None] = ContextVar("flask_tasks_request", default=None)
+current_request: ContextVar[Context | None] = ContextVar("flask_tasks_request", default=None)
 #: The app state that runs the current task (set by :func:`flask_tasks.trace.trace_task`):
 #: :meth:`Task.retry` and :meth:`Task.update_state` go through it.
 current_state: ContextVar[TaskApp | None] = ContextVar("flask_tasks_state", default=None)
@@ -41,7 +41,7 @@ current_state: ContextVar[TaskApp | None] = ContextVar("flask_tasks_state", defa
 class TaskApp(Protocol):
     """What a task needs from its app: settings, a result backend, and ways to send.
 
-    :class:`flask_tasks.state.AppState` is one; see its methods for the details.
+    :class:`flask_tasks.app_state.AppState` is one; see its methods for the details.
     """
 
     @property
@@ -208,7 +208,7 @@ class Task(Generic[P, R]):
         would be sent with (``Tasks(app)``, or a single ``init_app``); when
         there is no single such app, without an app context.
         """
-        token = current_request.set(Request(id=str(uuid.uuid4()), task=self.name, args=list(args),
+        token = current_request.set(Context(id=str(uuid.uuid4()), task=self.name, args=list(args),
                                             kwargs=dict(kwargs), called_directly=True))
         try:
             app = None if has_app_context() else self._tasks.default_app
@@ -295,11 +295,11 @@ class Task(Generic[P, R]):
 
     # -- inside a running task -------------------------------------------------
     @property
-    def request(self) -> Request:
-        """The current call's :class:`~flask_tasks.protocol.Request` (``called_directly`` outside a worker)."""
+    def request(self) -> Context:
+        """The current call's :class:`~flask_tasks.protocol.Context` (``called_directly`` outside a worker)."""
         request = current_request.get()
         if request is None:
-            return Request(id="", task=self.name, called_directly=True)
+            return Context(id="", task=self.name, called_directly=True)
         return request
 
     def update_state(self, task_id: str | None = None, state: str | None = None,

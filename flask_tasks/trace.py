@@ -2,7 +2,7 @@
 
 Modelled on Celery's ``celery/app/trace.py``. :func:`trace_task` gets the
 app, the app's state (its result backend, its settings, and the way a retry
-is published) and the decoded :class:`~flask_tasks.protocol.Request`;
+is published) and the decoded :class:`~flask_tasks.protocol.Context`;
 nothing is found through ``current_app``. It never raises for the task's own
 error: the :class:`Outcome` says what happened. One call, in order:
 
@@ -50,7 +50,7 @@ from .exceptions import (
     TaskRevokedError,
 )
 from .options import first, time_limits
-from .protocol import Request
+from .protocol import Context
 from .signals import (
     send_robust,
     task_failure,
@@ -94,7 +94,7 @@ _NO_AFTER_RETURN = frozenset({states.IGNORED, states.RETRY, states.REJECTED})
 _AFTER_STORE_HANDLERS = ("on_success", "on_failure", "after_return")
 
 
-def trace_task(app: Flask, state: TaskApp, task: Task[Any, Any], request: Request, *,
+def trace_task(app: Flask, state: TaskApp, task: Task[Any, Any], request: Context, *,
                store: bool = True, hostname: str | None = None) -> Outcome:
     """Run ``task`` for ``request`` inside ``app``'s app context; see the module docstring.
 
@@ -206,7 +206,7 @@ def _run(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         raise
 
 
-def _retry(state: TaskApp, task: Task[Any, Any], request: Request, outcome: Outcome,
+def _retry(state: TaskApp, task: Task[Any, Any], request: Context, outcome: Outcome,
            signal: Retry, store: bool) -> None:
     cause: BaseException = signal.exc if signal.exc is not None else signal
     text = "".join(tb_module.format_exception(cause))
@@ -221,7 +221,7 @@ def _retry(state: TaskApp, task: Task[Any, Any], request: Request, outcome: Outc
     logger.info("Task %s[%s] retry: %s", task.name, request.id, signal)
 
 
-def _fail(state: TaskApp, task: Task[Any, Any], request: Request, outcome: Outcome,
+def _fail(state: TaskApp, task: Task[Any, Any], request: Context, outcome: Outcome,
           exc: BaseException, store: bool) -> None:
     text = "".join(tb_module.format_exception(exc))
     outcome.state, outcome.exc, outcome.traceback = states.FAILURE, exc, text
@@ -245,7 +245,7 @@ def _fail(state: TaskApp, task: Task[Any, Any], request: Request, outcome: Outco
         logger.error("Task %s[%s] raised unexpected: %r\n%s", task.name, request.id, exc, text)
 
 
-def _expired(state: TaskApp, task: Task[Any, Any], request: Request, store: bool) -> Outcome:
+def _expired(state: TaskApp, task: Task[Any, Any], request: Context, store: bool) -> Outcome:
     """A call past its ``expires``: not run, REVOKED, ``task_revoked(expired=True)``."""
     exc = TaskRevokedError(f"Task {task.name}[{request.id}] expired at "
                            f"{request.expires.isoformat() if request.expires else '?'}: not run.")

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from .. import states
-from .._redis import execute
+from .._redis import round_trip
 from ..exceptions import TimeoutError
 from .base import Backend, OnMessage
 
@@ -59,7 +59,7 @@ class RedisBackend(Backend):
         return [store, ("PUBLISH", key, value)]
 
     def _set(self, task_id: str, meta: dict[str, Any]) -> None:
-        execute(self.client, *self._commands(task_id, meta))
+        round_trip(self.client, *self._commands(task_id, meta))
 
     def _defer(self, task_id: str, meta: dict[str, Any]) -> None:
         self._pending.extend(self._commands(task_id, meta))
@@ -70,7 +70,7 @@ class RedisBackend(Backend):
             self.retrying(self._write_pending, "%d result(s)", len(self._pending) // 2)
 
     def _write_pending(self) -> None:
-        execute(self.client, *self._pending)
+        round_trip(self.client, *self._pending)
         self._pending = []
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
@@ -147,13 +147,13 @@ class RedisBackend(Backend):
 
     def _revoke(self, task_id: str, terminate: bool, expires: float) -> None:
         """Add ``task_id`` to the sorted set ``flask_tasks-revoked`` (score: expiry time)."""
-        execute(self.client, ("ZADD", REVOKED_KEY, time.time() + expires,
+        round_trip(self.client, ("ZADD", REVOKED_KEY, time.time() + expires,
                               f"{task_id}|{int(terminate)}"))
 
     def revoked(self) -> dict[str, bool]:
         """Unexpired revokes (expired ones are removed on the way)."""
         now = time.time()
-        _, members = execute(self.client, ("ZREMRANGEBYSCORE", REVOKED_KEY, "-inf", now),
+        _, members = round_trip(self.client, ("ZREMRANGEBYSCORE", REVOKED_KEY, "-inf", now),
                              ("ZRANGEBYSCORE", REVOKED_KEY, now, "+inf"))
         found: dict[str, bool] = {}
         for member in members:

@@ -57,7 +57,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from .._redis import Script, execute
+from .._redis import Script, round_trip
 from ..protocol import envelope_eta
 
 #: KEYS: the queue's list keys in priority order, then the unacked hash and
@@ -191,7 +191,7 @@ class QoS(kombu_redis.QoS):
         tags, self._acks = self._acks, []
         with self.channel.conn_or_acquire() as client:
             try:
-                execute(client, ("ZREM", self.unacked_index_key, *tags),
+                round_trip(client, ("ZREM", self.unacked_index_key, *tags),
                         ("HDEL", self.unacked_key, *tags))
             except BaseException:
                 self.restore_acks(tags)
@@ -256,9 +256,9 @@ class Channel(kombu_redis.Channel):
         eta = envelope_eta(message)
         with self.conn_or_acquire() as client:
             if eta is not None and eta > time.time():
-                execute(client, ("ZADD", key + self.sep + ETA_SUFFIX, eta, dumps(message)))
+                round_trip(client, ("ZADD", key + self.sep + ETA_SUFFIX, eta, dumps(message)))
             else:
-                execute(client, ("LPUSH", key, dumps(message)))
+                round_trip(client, ("LPUSH", key, dumps(message)))
 
     def schedule(self, envelope: dict[str, Any], queue: str) -> None:
         """Put a message that arrived before its ``eta`` back on the broker, delayed.
@@ -317,7 +317,7 @@ class Channel(kombu_redis.Channel):
                          ("ZREM", qos.unacked_index_key, tag), ("RPUSH", key, raw), ("EXEC",)]
         with self.conn_or_acquire() as client:
             if commands:
-                execute(client, *commands)
+                round_trip(client, *commands)
             for tag in detached.requeue:
                 qos.restore_by_tag(tag, client)
 

@@ -1,6 +1,6 @@
 """The pool side of one message: decode a :class:`Job`, find its task, run it with trace.
 
-:func:`execute` runs in the process or thread of the pool that took the job;
+:func:`run_job` runs in the process or thread of the pool that took the job;
 the call itself (app context, handlers, signals, results, retries, time
 limits) is :func:`flask_tasks.trace.trace_task`, the same path eager mode
 and ``Task.apply`` take. Never raises for a task's own error: the
@@ -23,9 +23,9 @@ from ..registry import unknown_task_message
 from ..trace import ACK, REJECT, REQUEUE, SKIP, Outcome, trace_task
 
 if TYPE_CHECKING:
-    from ..state import AppState
+    from ..app_state import AppState
 
-__all__ = ["ACK", "REJECT", "REQUEUE", "SKIP", "Job", "Outcome", "execute", "time_limits"]
+__all__ = ["ACK", "REJECT", "REQUEUE", "SKIP", "Job", "Outcome", "run_job", "time_limits"]
 
 logger = logging.getLogger("flask_tasks.worker")
 
@@ -43,7 +43,7 @@ class Job:
     delivery_info: dict[str, Any]
 
 
-def execute(app: Flask, state: AppState, job: Job, hostname: str | None = None) -> Outcome:
+def run_job(app: Flask, state: AppState, job: Job, hostname: str | None = None) -> Outcome:
     """Decode ``job`` and run it; a message that cannot be run is rejected with a reason.
 
     A body that cannot be decoded or a task not registered here ends the

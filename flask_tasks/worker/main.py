@@ -44,7 +44,7 @@ from ..config import parse_rate
 from ..exceptions import NotRegistered, TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from ..extension import Tasks
 from ..protocol import Message as ProtocolMessage
-from ..protocol import Request, check_headers, parse, parse_datetime
+from ..protocol import Context, check_headers, parse, parse_datetime
 from ..publisher import broker_connection, mask_url
 from ..registry import unknown_task_message
 from ..signals import (
@@ -55,9 +55,9 @@ from ..signals import (
     worker_ready,
     worker_shutdown,
 )
-from ..state import AppState
+from ..app_state import AppState
 from ..transport.redis import Detached
-from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, execute, time_limits
+from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, run_job, time_limits
 from .pools import LOST, POOLS, PreforkPool
 
 logger = logging.getLogger("flask_tasks.worker")
@@ -168,7 +168,7 @@ class Worker(ConsumerMixin):
 
     # -- running a job (inside the pool) ---------------------------------------------
     def _run_job(self, job: Job) -> Outcome:
-        return execute(self.app, self.state, job, hostname=self.hostname)
+        return run_job(self.app, self.state, job, hostname=self.hostname)
 
     def _child_init(self) -> None:
         """In a new prefork child: drop the parent's database connections, tell receivers.
@@ -525,14 +525,14 @@ class Worker(ConsumerMixin):
         self._settle(message, ACK)
         self._store_revoked(name, task_id, terminated=False, message=message)
 
-    def _request(self, message: Message, name: str, task_id: str) -> Request:
-        """The :class:`Request` of a message the main process settles itself (for signals)."""
+    def _request(self, message: Message, name: str, task_id: str) -> Context:
+        """The :class:`Context` of a message the main process settles itself (for signals)."""
         try:
             request = parse(message.headers, message.body, message.content_type,
                             message.content_encoding, self.state.accept,
                             message.properties, message.delivery_info)
         except Exception:  # undecodable: what the headers tell
-            request = Request(id=task_id, task=name, headers=dict(message.headers))
+            request = Context(id=task_id, task=name, headers=dict(message.headers))
         request.hostname = self.hostname
         return request
 

@@ -16,7 +16,7 @@ import redis
 from flask import Flask
 
 from flask_tasks import states
-from flask_tasks.state import EMBEDDED_BROKER_FILE
+from flask_tasks.app_state import EMBEDDED_BROKER_FILE
 from tests.apps import basic
 from tests.helpers import wait_for
 

@@ -216,7 +216,7 @@ def test_success_failure_and_retry(basic_app: Flask, redis_env: dict[str, str], 
     assert on_retry["stored"] == states.RETRY  # "the retry was sent and RETRY was stored"
     retry = one(first, "task_retry")
     assert (retry["sender"], retry["task_id"], retry["request_type"], retry["retries"]) == \
-        ("tests.apps.observed.retry_once", again.id, "Request", 0)
+        ("tests.apps.observed.retry_once", again.id, "Context", 0)
     assert (retry["reason_type"], retry["reason_exc_type"], retry["reason_when"]) == \
         ("Retry", "KeyError", 0.1)
     assert retry["einfo_type"] == "str" and "KeyError: 'r1'" in retry["einfo"]
@@ -270,17 +270,17 @@ def test_revoked_and_expired(basic_app: Flask, redis_env: dict[str, str], start_
     assert observed.ok.delay(3, 4).get(timeout=10) == 7  # both were before it in the queue
     children = children_of(events, pool, main_pid)
 
-    # A revoked message: dropped by the main process, with its Request, expired=False.
+    # A revoked message: dropped by the main process, with its Context, expired=False.
     [line] = events.wait("task_revoked", revoked.id)
     in_main(line, main_pid)
     assert (line["sender"], line["request_type"], line["terminated"], line["signum"],
-            line["expired"]) == ("tests.apps.observed.ok", "Request", False, None, False)
+            line["expired"]) == ("tests.apps.observed.ok", "Context", False, None, False)
     assert events(task_id=revoked.id) == [line]  # not even task_received: never queued for the pool
 
     # An expired message: received, then revoked where it would have run, expired=True.
     [line] = events.wait("task_revoked", expired.id)
     assert (line["sender"], line["request_type"], line["terminated"], line["signum"],
-            line["expired"]) == ("tests.apps.observed.ok", "Request", False, None, True)
+            line["expired"]) == ("tests.apps.observed.ok", "Context", False, None, True)
     check_where([line], pool, main_pid, children)
     received, revoked_line = events(task_id=expired.id)  # nothing else: no task_prerun,
     assert (received["event"], revoked_line) == ("task_received", line)  # no handlers
@@ -298,7 +298,7 @@ def test_revoked_and_expired(basic_app: Flask, redis_env: dict[str, str], start_
         in_main(terminated, main_pid)
         assert (terminated["sender"], terminated["request_type"], terminated["terminated"],
                 terminated["signum"], terminated["expired"]) == \
-            ("tests.apps.observed.slow", "Request", True, 9, False)
+            ("tests.apps.observed.slow", "Context", True, 9, False)
         assert terminated["task_id"] == running.id
         assert [x["event"] for x in events(task_id=running.id)] == \
             ["task_received", "task_prerun", "before_start", "task_revoked"]  # no postrun

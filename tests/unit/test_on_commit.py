@@ -97,7 +97,7 @@ def test_closing_without_commit_drops_and_logs(app: tuple[Flask, list[dict[str, 
     _, sent = app
     db.session.add(Row())
     result = use.delay_on_commit(1)
-    with caplog.at_level("INFO", logger="flask_tasks.state"):
+    with caplog.at_level("INFO", logger="flask_tasks.on_commit"):
         db.session.remove()  # what Flask-SQLAlchemy does at the end of a request
     assert f"[{result.id}] not sent" in caplog.text
     db.session.add(Row())

@@ -19,7 +19,7 @@ from flask_tasks.options import (
     retry_options,
     time_limits,
 )
-from flask_tasks.protocol import Request
+from flask_tasks.protocol import Context
 
 CONFIG = Config(serializer="json", compression="zlib", default_priority=9, ignore_result=False,
                 publish_retry=True, time_limit=30.0, soft_time_limit=20.0)
@@ -91,11 +91,11 @@ def test_countdown_beats_eta_and_links_become_lists() -> None:
 
 
 def test_parent_and_root_come_from_the_running_request() -> None:
-    parent = Request(id="p", task="t", root_id="r")
+    parent = Context(id="p", task="t", root_id="r")
     call = resolve({}, None, CONFIG, parent)
     assert (call.parent_id, call.root_id) == ("p", "r")
     assert resolve({"parent_id": "x", "root_id": "y"}, None, CONFIG, parent).parent_id == "x"
-    direct = Request(id="d", task="t", called_directly=True)
+    direct = Context(id="d", task="t", called_directly=True)
     assert resolve({}, None, CONFIG, direct).parent_id is None
 
 
@@ -142,7 +142,7 @@ def test_apply_async_and_send_task_refuse_unknown_options(tmp_path: Path) -> Non
 
 
 def test_retry_options_keep_the_call_and_refuse_their_own_keys() -> None:
-    request = Request(id="i", task="t", retries=1, root_id="r", parent_id="p",
+    request = Context(id="i", task="t", retries=1, root_id="r", parent_id="p",
                       timelimit=(9.0, 8.0), delivery_info={"routing_key": "hipri"})
     again = retry_options(request, 2, 10.0, None, {"priority": 3})
     assert again == {"task_id": "i", "retries": 2, "expires": None, "time_limit": 9.0,

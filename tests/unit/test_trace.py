@@ -14,7 +14,7 @@ from flask_tasks import Task, Tasks, signals, states
 from flask_tasks.backends.base import Backend
 from flask_tasks.config import Config
 from flask_tasks.exceptions import Reject
-from flask_tasks.protocol import Request, accept_set, build, parse
+from flask_tasks.protocol import Context, accept_set, build, parse
 from flask_tasks.result import AsyncResult
 from flask_tasks.trace import ACK, REQUEUE, trace_task
 
@@ -122,7 +122,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
 
 
 def request_for(task: Task, *args: Any, delivery_info: dict[str, Any] | None = None,
-                **options: Any) -> Request:
+                **options: Any) -> Context:
     """A request as a worker decodes it from a message."""
     message = build(task.name, options.pop("task_id", "id-1"), args, {}, **options)
     return parse(message.headers, message.body, message.content_type, message.content_encoding,
