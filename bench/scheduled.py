@@ -63,7 +63,8 @@ def main() -> None:
               f"{client.llen('celery')}; Redis memory {used:.1f} MiB")
         print(f"worker RSS, MiB (main / main + children): empty {empty[0]:.1f} / {empty[1]:.1f}, "
               f"with {scheduled:,} scheduled {loaded[0]:.1f} / {loaded[1]:.1f}")
-        print(f"still scheduled after the worker ran: {client.zcard('celery' + chr(6) + chr(22) + 'eta'):,}")
+        left = client.zcard("celery" + chr(6) + chr(22) + "eta")
+        print(f"still scheduled after the worker ran: {left:,}")
 
 
 if __name__ == "__main__":

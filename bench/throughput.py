@@ -305,7 +305,8 @@ def run_all(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, dict[
                    "rss total MiB": lat[3]}
             for key, value in row.items():
                 raw[name].setdefault(key, []).append(value)
-            print(f"run {number + 1} {name:<13}" + "  ".join(f"{k} {v:.1f}" for k, v in row.items()),
+            figures = "  ".join(f"{k} {v:.1f}" for k, v in row.items())
+            print(f"run {number + 1} {name:<13}" + figures,
                   flush=True)
     return {name: {key: statistics.median(values) for key, values in rows.items()}
             for name, rows in raw.items()}
@@ -329,7 +330,8 @@ def main() -> None:
                              "e.g. --also='--prefetch-multiplier 16'")
     args = parser.parse_args()
     if args.broker == "embedded" and args.compare:
-        parser.error("--compare needs Redis (Celery and Dramatiq run on it): drop --broker embedded")
+        parser.error("--compare needs Redis (Celery and Dramatiq run on it): "
+                     "drop --broker embedded")
     with (embedded_folder() if args.broker == "embedded" else redis_server(args.redis_url)) as url:
         print(f"{args.broker}: {url.partition('embedded:')[2] or url}, runs: {args.runs}, "
               f"tasks: {args.tasks}, samples: {args.samples}, gap: {args.gap} s, "
@@ -343,7 +345,8 @@ def main() -> None:
         results = run_all(sides, args)
     names = list(results)
     ratios = [f"ft/{n}" for n in names[1:]]
-    print(f"\n{'median of ' + str(args.runs) + ' runs':<16}" + "".join(f"{n[:12]:>13}" for n in names)
+    title = f"median of {args.runs} runs"
+    print(f"\n{title:<16}" + "".join(f"{n[:12]:>13}" for n in names)
           + "".join(f"{r[:12]:>13}" for r in ratios))
     for key in results["flask_tasks"]:
         row = f"{key:<16}" + "".join(f"{results[n][key]:>13.1f}" for n in names)

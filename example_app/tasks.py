@@ -101,7 +101,8 @@ def analyze_csv(self: Any, text: str, filename: str,
     self.update_state(state="PROGRESS", meta={"done": 0, "total": total})
     while chunk := list(itertools.islice(records, CHUNK_ROWS)):
         for row in chunk:
-            for name, cell in zip(columns, row):  # short rows: missing cells are blank
+            # Short rows: the missing cells are blank.
+            for name, cell in zip(columns, row, strict=False):
                 stats[name].add(cell)
         done += len(chunk)
         self.update_state(state="PROGRESS", meta={"done": done, "total": total})

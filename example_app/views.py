@@ -95,7 +95,8 @@ def task_status(task_id: str) -> dict[str, Any]:
         body["result"] = result.result
     elif state in states.PROPAGATE_STATES:  # FAILURE, REVOKED: the result is the exception
         exc = result.result
-        body["error"] = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+        body["error"] = (f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException)
+                         else str(exc))
     elif state == states.PENDING:
         # Stored results expire (TASKS_RESULT_EXPIRES, a day by default), but the
         # report the task wrote stays: it is the task's result.
@@ -118,7 +119,8 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <title>CSV analysis — flask_tasks example</title>
 <style>
-  body { font: 15px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; }
+  body { font: 15px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto;
+         padding: 0 1rem; }
   textarea { width: 100%; height: 8rem; font-family: monospace; }
   progress { width: 100%; height: 1.2rem; }
   table { border-collapse: collapse; margin-top: .5rem; }
@@ -134,7 +136,8 @@ numeric columns while this page polls <code>/tasks/&lt;id&gt;</code>.
 Past results: <a href="reports">/reports</a>.</p>
 <form id="form">
   <p><input type="file" name="file" accept=".csv,text/csv"></p>
-  <p><textarea name="text" placeholder="…or paste CSV here: a header line, then rows"></textarea></p>
+  <p><textarea name="text"
+      placeholder="…or paste CSV here: a header line, then rows"></textarea></p>
   <p><label>Slow motion: <input type="number" name="delay_per_chunk" value="0.2" min="0"
      max="1" step="0.1"> seconds per 200 rows</label>
      <button type="submit">Analyze</button></p>

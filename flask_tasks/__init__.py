@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from . import exceptions, signals, states
-from .extension import Tasks, shared_task
 from .app_state import AppState
+from .extension import Tasks, shared_task
 from .result import AsyncResult, EagerResult
 from .task import Task
 

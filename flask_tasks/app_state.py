@@ -10,7 +10,7 @@ import os
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 from flask import Flask, current_app, has_app_context
 
@@ -21,15 +21,13 @@ from .exceptions import ImproperlyConfigured, NotRegistered
 from .options import CallOptions, check_call_options, first, resolve
 from .protocol import accept_set, build, parse
 from .publisher import Publisher
-from .registry import shared_registry, unknown_task_message
+from .registry import Registry, shared_registry, unknown_task_message
 from .result import AsyncResult, EagerResult
 from .routing import Router
 from .signals import after_task_publish, before_task_publish, send_robust
 from .task import Task, current_request
 from .trace import trace_task
-
-if TYPE_CHECKING:
-    from .extension import Tasks
+from .transport.embedded import url_for_path
 
 #: The embedded broker's SQLite file, in ``TASKS_EMBEDDED_DIR`` (the app's instance folder).
 EMBEDDED_BROKER_FILE = "flask_tasks-broker.sqlite"
@@ -42,8 +40,9 @@ class AppState:
     created on first use, and reset in a forked child.
     """
 
-    def __init__(self, tasks: Tasks, app: Flask, config: Config) -> None:
-        self.tasks = tasks
+    def __init__(self, registry: Registry, app: Flask, config: Config) -> None:
+        #: The tasks of the ``Tasks`` extension this state belongs to.
+        self.registry = registry
         self.config = config
         self.import_name = app.import_name
         self.router = Router(config.routes, config.default_queue)
@@ -51,8 +50,6 @@ class AppState:
         if config.broker_url:
             self.broker_url = config.broker_url
         elif config.embedded_dir:
-            from .transport.embedded import url_for_path
-
             self.broker_url = url_for_path(os.path.join(config.embedded_dir, EMBEDDED_BROKER_FILE))
         else:
             raise ImproperlyConfigured("BROKER_URL is unset and the app has no instance path "
@@ -106,11 +103,11 @@ class AppState:
 
     def get_task(self, name: str) -> Task[Any, Any] | None:
         """The task registered as ``name`` on this app's ``Tasks`` or as a shared task."""
-        return self.tasks.registry.get(name) or shared_registry.get(name)
+        return self.registry.get(name) or shared_registry.get(name)
 
     def task_names(self) -> list[str]:
         """Every task name this app can run, sorted."""
-        return sorted(set(self.tasks.registry) | set(shared_registry))
+        return sorted(set(self.registry) | set(shared_registry))
 
     def _app(self) -> Flask | None:
         """The app a call runs in: the current one, else this state's (None if it is gone)."""

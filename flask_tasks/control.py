@@ -8,19 +8,30 @@ are not running yet too; no broadcast channel is needed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .app_state import AppState
+from .config import Config
+from .result import ResultStore
+
+
+class Controlled(Protocol):
+    """What :class:`Control` needs of an app (an :class:`~flask_tasks.app_state.AppState`)."""
+
+    @property
+    def backend(self) -> ResultStore: ...
+
+    @property
+    def config(self) -> Config: ...
 
 
 class Control:
     """``tasks.control`` for the current app.
 
-    :param state: returns the current app's :class:`~flask_tasks.app_state.AppState`.
+    :param state: returns the current app's state (an
+        :class:`~flask_tasks.app_state.AppState`).
     """
 
-    def __init__(self, state: Callable[[], AppState]) -> None:
+    def __init__(self, state: Callable[[], Controlled]) -> None:
         self._state = state
 
     def revoke(self, task_id: str | Iterable[str], terminate: bool = False,

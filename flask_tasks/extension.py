@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, Unpack, over
 from flask import Flask, current_app, has_app_context
 
 from . import config as config_module
+from .app_state import AppState
 from .control import Control
 from .exceptions import ImproperlyConfigured
 from .options import CallOptions
 from .registry import Registry, shared_registry
 from .result import AsyncResult
-from .app_state import AppState
 from .task import Task, make_task
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Tasks:
                 "Import and use that instance instead."
             )
         config = config_module.load(app.config, app.instance_path)
-        self._states[app] = AppState(self, app, config)
+        self._states[app] = AppState(self.registry, app, config)
         app.extensions["tasks"] = self
         from .cli import tasks_cli
 
@@ -160,7 +160,7 @@ class Tasks:
     def send_task(self, name: str, args: Sequence[Any] | None = None,
                   kwargs: Mapping[str, Any] | None = None,
                   **options: Unpack[CallOptions]) -> AsyncResult[Any]:
-        """Send a task by name (it need not be importable here); options as :meth:`Task.apply_async`.
+        """Send a task by name (it need not be importable here); see :meth:`Task.apply_async`.
 
         Sent with the current app, or outside an app context with :attr:`default_app`.
         The options are :class:`~flask_tasks.options.CallOptions`; one not

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar
 
 from .config import Config
-from .protocol import Message, Context, build, to_datetime
+from .protocol import Context, Message, build, to_datetime
 
 T = TypeVar("T")
 

@@ -11,16 +11,22 @@ A message is kombu *headers* + *properties* + a *body*::
 
 This is the public format Celery 4+ workers and clients speak, so either side
 can be a Celery process. See Celery's "Message Protocol" documentation.
+
+Exceptions travel as Celery encodes them in stored results and errback
+arguments: ``{"exc_type", "exc_message": [args...], "exc_module"}``
+(:func:`exception_to_dict`, :func:`exception_from_dict`).
 """
 
 from __future__ import annotations
 
+import builtins
 import os
 import reprlib
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kombu.exceptions import ContentDisallowed
@@ -47,7 +53,8 @@ def _refresh_origin() -> None:
 os.register_at_fork(after_in_child=_refresh_origin)
 
 
-def to_datetime(value: float | datetime | timedelta | None, now: datetime | None = None) -> datetime | None:
+def to_datetime(value: float | datetime | timedelta | None,
+                now: datetime | None = None) -> datetime | None:
     """Turn seconds-from-now, a timedelta or a datetime into an aware UTC datetime.
 
     A naive datetime is taken to be UTC.
@@ -55,8 +62,8 @@ def to_datetime(value: float | datetime | timedelta | None, now: datetime | None
     if value is None:
         return None
     if isinstance(value, datetime):
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
-    now = now or datetime.now(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    now = now or datetime.now(UTC)
     if isinstance(value, timedelta):
         return now + value
     return now + timedelta(seconds=float(value))
@@ -67,7 +74,7 @@ def parse_datetime(value: str | None) -> datetime | None:
     if not value:
         return None
     parsed = datetime.fromisoformat(value)
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
 
 
 @dataclass(frozen=True)
@@ -276,3 +283,45 @@ def parse(
         delivery_info=dict(delivery_info or {}),
         headers=dict(headers),
     )
+
+
+# -- the exception codec ---------------------------------------------------
+_rebuilt: dict[tuple[str, str], type[BaseException]] = {}
+
+
+def exception_to_dict(exc: BaseException) -> dict[str, Any]:
+    """Encode ``exc`` the way Celery does (type name, args, module)."""
+    cls = type(exc)
+    args: list[Any] = []
+    for arg in exc.args:
+        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else repr(arg))
+    return {"exc_type": cls.__qualname__, "exc_message": args, "exc_module": cls.__module__}
+
+
+def exception_from_dict(data: Mapping[str, Any]) -> BaseException:
+    """Rebuild an exception stored by :func:`exception_to_dict` (or by Celery).
+
+    The original class is used when its module is already imported and the
+    name is an exception class there (modules are never imported on the
+    say-so of stored data); otherwise a stand-in class with the same name and
+    module is made, so ``type(exc).__name__`` still tells what happened.
+    """
+    name = str(data.get("exc_type") or "Exception")
+    module_name = str(data.get("exc_module") or "builtins")
+    message = data.get("exc_message", ())
+    args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
+    module = builtins if module_name == "builtins" else sys.modules.get(module_name)
+    cls: Any = module
+    for part in name.split("."):
+        cls = getattr(cls, part, None) if cls is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        key = (module_name, name)
+        cls = _rebuilt.get(key)
+        if cls is None:
+            cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
+            _rebuilt[key] = cls
+    try:
+        return cls(*args)  # type: ignore[no-any-return]
+    except Exception:
+        fallback = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
+        return fallback(*args)

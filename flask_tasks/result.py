@@ -1,22 +1,44 @@
 """Task results: :class:`AsyncResult` reads a task's state from the backend.
 
 ``tasks.AsyncResult(task_id)`` (or ``my_task.AsyncResult(task_id)``) builds
-one for the current app; ``delay()``/``apply_async()`` return one.
+one for the current app; ``delay()``/``apply_async()`` return one. What a
+result needs from a backend is :class:`ResultStore` (every backend in
+:mod:`flask_tasks.backends` is one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import states
-from .backends.base import exception_from_dict
-
-if TYPE_CHECKING:
-    from .backends.base import Backend
+from .protocol import exception_from_dict
 
 R = TypeVar("R")
+
+#: Called with a task's meta mapping on each state change ``get()`` sees.
+OnMessage = Callable[[dict[str, Any]], None]
+
+
+class ResultStore(Protocol):
+    """What :class:`AsyncResult` reads and changes in a result backend."""
+
+    def get_task_meta(self, task_id: str) -> dict[str, Any]:
+        """The stored meta of ``task_id`` (a PENDING meta for an unknown id)."""
+
+    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5,
+                 on_message: OnMessage | None = None) -> dict[str, Any]:
+        """Block until ``task_id`` is ready and return its meta.
+
+        :raises flask_tasks.exceptions.TimeoutError: not ready within ``timeout`` seconds.
+        """
+
+    def forget(self, task_id: str) -> None:
+        """Delete the stored result of ``task_id``."""
+
+    def revoke(self, task_id: str, terminate: bool, expires: float) -> None:
+        """Store a revoke of ``task_id`` for ``expires`` seconds."""
 
 
 class AsyncResult(Generic[R]):
@@ -30,7 +52,7 @@ class AsyncResult(Generic[R]):
     ready; a ready result is cached.
     """
 
-    def __init__(self, id: str, backend: Backend, task_name: str | None = None,
+    def __init__(self, id: str, backend: ResultStore, task_name: str | None = None,
                  revokes_expires: float = 10800.0) -> None:
         self.id = id
         self.backend = backend
@@ -109,7 +131,7 @@ class AsyncResult(Generic[R]):
         timeout: float | None = None,
         propagate: bool = True,
         interval: float = 0.5,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
+        on_message: OnMessage | None = None,
     ) -> R:
         """Wait for the task to be ready and return its result.
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from blinker import Namespace, NamedSignal
+from blinker import NamedSignal, Namespace
 
 logger = logging.getLogger("flask_tasks.signals")
 

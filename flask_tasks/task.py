@@ -296,7 +296,10 @@ class Task(Generic[P, R]):
     # -- inside a running task -------------------------------------------------
     @property
     def request(self) -> Context:
-        """The current call's :class:`~flask_tasks.protocol.Context` (``called_directly`` outside a worker)."""
+        """The current call's :class:`~flask_tasks.protocol.Context`.
+
+        Outside a worker, one with ``called_directly`` set.
+        """
         request = current_request.get()
         if request is None:
             return Context(id="", task=self.name, called_directly=True)
@@ -399,8 +402,11 @@ class Task(Generic[P, R]):
         """Called in the worker after the task ran, whatever the outcome."""
 
 
-def make_task(fn: Callable[..., Any], tasks: TaskOwner, options: Mapping[str, Any]) -> Task[Any, Any]:
-    """Create the task object for ``fn`` from ``@task`` options (``base`` defaults to :class:`Task`).
+def make_task(fn: Callable[..., Any], tasks: TaskOwner,
+              options: Mapping[str, Any]) -> Task[Any, Any]:
+    """Create the task object for ``fn`` from ``@task`` options.
+
+    ``base`` defaults to :class:`Task`.
 
     :param tasks: what sends the task (a ``Tasks``, or the shared tasks' owner).
     """

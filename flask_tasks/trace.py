@@ -35,7 +35,7 @@ import threading
 import time
 import traceback as tb_module
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
@@ -114,7 +114,7 @@ def trace_task(app: Flask, state: TaskApp, task: Task[Any, Any], request: Contex
     config, backend = state.config, state.backend
     ignore = first(task.ignore_result, default=config.ignore_result)
     store = store and not (ignore or request.ignore_result or backend.disabled)
-    if request.expires is not None and request.expires < datetime.now(timezone.utc):
+    if request.expires is not None and request.expires < datetime.now(UTC):
         return _expired(state, task, request, store)
     request.hostname = hostname or HOSTNAME
     extended = config.result_extended

@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -71,7 +71,7 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
 
 @pytest.fixture()
 def basic_app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    """``tests.apps.basic`` on the test's Redis, its instance folder in ``tmp_path``, in an app context."""
+    """``tests.apps.basic`` on the test's Redis, instance folder ``tmp_path``, in an app context."""
     from tests.apps import basic
 
     monkeypatch.setenv("TEST_BROKER_URL", redis_url)
@@ -90,7 +90,7 @@ def redis_env(redis_url: str) -> dict[str, str]:
 
 @pytest.fixture()
 def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    """``tests.apps.basic`` on the embedded default (instance folder ``tmp_path``), in an app context."""
+    """``tests.apps.basic`` on the embedded default (instance ``tmp_path``), in an app context."""
     from tests.apps import basic
 
     monkeypatch.delenv("TEST_BROKER_URL", raising=False)

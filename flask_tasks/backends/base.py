@@ -8,74 +8,32 @@ A stored result is Celery's *meta* mapping::
      # with TASKS_RESULT_EXTENDED: "name", "args", "kwargs", "worker", "retries", "queue"}
 
 An exception is stored as ``{"exc_type": "ZeroDivisionError", "exc_message":
-[args...], "exc_module": "builtins"}`` and rebuilt with its own type when
-that type can be found in an already imported module.
+[args...], "exc_module": "builtins"}`` (:func:`flask_tasks.protocol.exception_to_dict`)
+and rebuilt with its own type when that type can be found in an already
+imported module (:func:`flask_tasks.protocol.exception_from_dict`).
 """
 
 from __future__ import annotations
 
-import builtins
 import logging
 import random
-import sys
 import time
-from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from kombu.serialization import dumps, loads, registry
 
 from .. import states
 from ..exceptions import DecodeError, EncodeError, TimeoutError
-
-OnMessage = Callable[[dict[str, Any]], None]
+from ..protocol import exception_to_dict
+from ..result import OnMessage
 
 logger = logging.getLogger("flask_tasks.backends")
 
-_rebuilt: dict[tuple[str, str], type[BaseException]] = {}
-
-
-def exception_to_dict(exc: BaseException) -> dict[str, Any]:
-    """Encode ``exc`` the way Celery does (type name, args, module)."""
-    cls = type(exc)
-    args: list[Any] = []
-    for arg in exc.args:
-        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else repr(arg))
-    return {"exc_type": cls.__qualname__, "exc_message": args, "exc_module": cls.__module__}
-
-
-def exception_from_dict(data: Mapping[str, Any]) -> BaseException:
-    """Rebuild an exception stored by :func:`exception_to_dict` (or by Celery).
-
-    The original class is used when its module is already imported and the
-    name is an exception class there (modules are never imported on the
-    say-so of stored data); otherwise a stand-in class with the same name and
-    module is made, so ``type(exc).__name__`` still tells what happened.
-    """
-    name = str(data.get("exc_type") or "Exception")
-    module_name = str(data.get("exc_module") or "builtins")
-    message = data.get("exc_message", ())
-    args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
-    module = builtins if module_name == "builtins" else sys.modules.get(module_name)
-    cls: Any = module
-    for part in name.split("."):
-        cls = getattr(cls, part, None) if cls is not None else None
-    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-        key = (module_name, name)
-        cls = _rebuilt.get(key)
-        if cls is None:
-            cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
-            _rebuilt[key] = cls
-    try:
-        return cls(*args)  # type: ignore[no-any-return]
-    except Exception:
-        fallback = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
-        return fallback(*args)
-
-
 def now_iso() -> str:
     """The current UTC time as ISO 8601 (Celery's ``date_done`` format)."""
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 class Backend:
@@ -316,7 +274,8 @@ class Backend:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"Task {task_id} was not ready within {timeout} s "
                                    f"(state {meta['status']}).")
-            time.sleep(wait if deadline is None else min(wait, max(0.0, deadline - time.monotonic())))
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(wait if left is None else min(wait, left))
             wait = min(wait * 2, interval)
 
     def forget(self, task_id: str) -> None:

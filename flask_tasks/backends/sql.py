@@ -17,9 +17,10 @@ import io
 import os
 import pickle
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from kombu.utils.json import loads as json_loads
 from sqlalchemy import (
     Column,
     DateTime,
@@ -41,8 +42,6 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
-
-from kombu.utils.json import loads as json_loads
 
 from ..exceptions import DecodeError
 from .base import Backend
@@ -195,16 +194,18 @@ class SQLBackend(Backend):
             "status": meta["status"],
             "result": result,
             "traceback": meta.get("traceback"),
-            "date_done": datetime.fromisoformat(done).astimezone(timezone.utc).replace(tzinfo=None)
-            if done else datetime.now(timezone.utc).replace(tzinfo=None),
+            "date_done": datetime.fromisoformat(done).astimezone(UTC).replace(tzinfo=None)
+            if done else datetime.now(UTC).replace(tzinfo=None),
         }
         if "name" in meta:
             values.update(
-                name=meta["name"], args=self.encode(meta["args"]), kwargs=self.encode(meta["kwargs"]),
+                name=meta["name"], args=self.encode(meta["args"]),
+                kwargs=self.encode(meta["kwargs"]),
                 worker=meta.get("worker"), retries=meta.get("retries"), queue=meta.get("queue"),
             )
         with self.engine.begin() as conn:
-            changed = conn.execute(update(taskmeta).where(taskmeta.c.task_id == task_id).values(**values))
+            row = taskmeta.c.task_id == task_id
+            changed = conn.execute(update(taskmeta).where(row).values(**values))
             if changed.rowcount:
                 return
             try:
@@ -230,7 +231,7 @@ class SQLBackend(Backend):
             "result": row.result,
             "traceback": row.traceback,
             "children": [],
-            "date_done": done.replace(tzinfo=timezone.utc).isoformat()
+            "date_done": done.replace(tzinfo=UTC).isoformat()
             if done is not None and row.status in states.READY_STATES else None,
         }
 
@@ -246,7 +247,7 @@ class SQLBackend(Backend):
 
     def _revoke(self, task_id: str, terminate: bool, expires: float) -> None:
         """Record a revoke in ``flask_tasks_revoked`` (kept ``expires`` seconds)."""
-        until = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=expires)
+        until = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=expires)
         values = {"terminate": int(terminate), "expires_at": until}
         with self.engine.begin() as conn:
             changed = conn.execute(update(revoked_table)
@@ -260,7 +261,7 @@ class SQLBackend(Backend):
 
     def revoked(self) -> dict[str, bool]:
         """Unexpired revokes (expired ones are removed on the way)."""
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        now = datetime.now(UTC).replace(tzinfo=None)
         with self.engine.begin() as conn:
             conn.execute(delete(revoked_table).where(revoked_table.c.expires_at <= now))
             rows = conn.execute(select(revoked_table.c.task_id, revoked_table.c.terminate))
@@ -270,7 +271,7 @@ class SQLBackend(Backend):
         """Delete results older than ``expires`` seconds; returns how many."""
         if not self.expires:
             return 0
-        cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=self.expires)
+        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=self.expires)
         with self.engine.begin() as conn:
             return conn.execute(delete(taskmeta).where(taskmeta.c.date_done < cutoff)).rowcount or 0
 

@@ -118,7 +118,7 @@ def test_publish_survives_a_broker_restart(tmp_path) -> None:
 
 
 def test_publish_while_the_broker_is_down_is_retried_until_it_is_back(tmp_path) -> None:
-    """retry_policy: a delay() made while redis-server is stopped waits for it and publishes once."""
+    """retry_policy: a delay() made while redis-server is down waits for it, publishes once."""
     import shutil
     import threading
 

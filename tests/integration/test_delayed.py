@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def test_eta_survives_worker_restarts_and_runs_once(basic_app: Flask, redis_url:
                                                     redis_env: dict[str, str],
                                                     start_worker, tmp_path: Path) -> None:
     first = start_worker(APP, "-c", "1", env=redis_env)
-    eta = datetime.now(timezone.utc) + timedelta(seconds=3)
+    eta = datetime.now(UTC) + timedelta(seconds=3)
     result = basic.record.apply_async(("once", 0), eta=eta)
     first.stop()
     start_worker(APP, "-c", "1", env=redis_env)

@@ -8,7 +8,7 @@ with backoff), time limits, rate limits and ``expires``.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -78,9 +78,9 @@ def test_autoretry_with_backoff(embedded_app: Flask, start_worker, tmp_path: Pat
     assert sorted(runs(tmp_path)) == ["ok"] * 4 + ["out"] * 4
     for tag in ("ok", "out"):
         times = [float(line) for line in (tmp_path / f"times-{tag}.txt").read_text().split()]
-        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
         # retry_backoff=0.2 without jitter: 0.2, 0.4, 0.8 s (never earlier)
-        assert all(gap >= due for gap, due in zip(gaps, [0.2, 0.4, 0.8])), gaps
+        assert all(gap >= due for gap, due in zip(gaps, [0.2, 0.4, 0.8], strict=True)), gaps
         assert sum(gaps) < 5.0, gaps  # not 1, 2, 4 s (factor ignored) nor 180 s
 
 
@@ -124,7 +124,7 @@ def test_rate_limit_spaces_out_the_task_only(embedded_app: Flask, start_worker) 
 
 def test_expired_before_any_worker_is_not_run(embedded_app: Flask, start_worker,
                                               tmp_path: Path) -> None:
-    expired = datetime.now(timezone.utc) - timedelta(seconds=1)
+    expired = datetime.now(UTC) - timedelta(seconds=1)
     result = basic.record.apply_async(("late", 0), expires=expired)
     worker = start_worker(APP, "-c", "1")
     with pytest.raises(TaskRevokedError, match="expired"):

@@ -95,7 +95,8 @@ def test_bad_input_is_400(eager_client: FlaskClient, kwargs: dict[str, Any]) -> 
 
 
 def test_too_large_is_413(make_app: Callable[..., Flask]) -> None:
-    client = make_app(TASKS_ALWAYS_EAGER=True, TASKS_STORE_EAGER_RESULT=True, MAX_CONTENT_LENGTH=100).test_client()
+    client = make_app(TASKS_ALWAYS_EAGER=True, TASKS_STORE_EAGER_RESULT=True,
+                      MAX_CONTENT_LENGTH=100).test_client()
     big = io.BytesIO(b"a,b\n" + b"1,2\n" * 50)
     reply = client.post("/analyze", data={"file": (big, "big.csv")},
                         content_type="multipart/form-data")

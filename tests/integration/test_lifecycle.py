@@ -39,7 +39,8 @@ def test_warm_shutdown_finishes_running_task_and_leaves_the_rest(
     assert [r.get(timeout=10) for r in waiting] == [0, 2, 4]
 
 
-def test_acks_late_task_survives_cold_shutdown(basic_app: Flask, redis_url: str, start_worker) -> None:
+def test_acks_late_task_survives_cold_shutdown(basic_app: Flask, redis_url: str,
+                                               start_worker) -> None:
     worker = start_worker(APP, "-c", "1", env=env(redis_url))
     late = basic.slow_late.delay(30)
     wait_for(lambda: late.state == states.STARTED, timeout=10, message="task started")
@@ -74,6 +75,7 @@ def test_max_tasks_per_child(basic_app: Flask, redis_url: str, start_worker) -> 
 def test_killing_an_idle_child_does_not_stall_the_pool(basic_app: Flask, redis_env: dict[str, str],
                                                        start_worker) -> None:
     import os
+
     import psutil
 
     worker = start_worker(APP, "-P", "prefork", "-c", "2", env=redis_env)
@@ -82,8 +84,8 @@ def test_killing_an_idle_child_does_not_stall_the_pool(basic_app: Flask, redis_e
     assert len(children) == 2
     for child in children:  # both idle, waiting for work
         os.kill(child.pid, 9)
-        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE,
-                 timeout=5, message="child gone")
+        wait_for(lambda child=child: not child.is_running()
+                 or child.status() == psutil.STATUS_ZOMBIE, timeout=5, message="child gone")
     results = [basic.add.delay(i, i) for i in range(6)]
     assert [r.get(timeout=15) for r in results] == [0, 2, 4, 6, 8, 10]
 

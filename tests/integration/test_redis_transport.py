@@ -7,7 +7,6 @@ remain; a lost connection's messages are settled by delivery tag from a new one.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +61,7 @@ def consume(conn: Connection, prefetch: int, want: int, ack: bool) -> list[Messa
         while len(got) < want:
             try:
                 conn.drain_events(timeout=2)
-            except socket.timeout:
+            except TimeoutError:
                 break
     return got
 

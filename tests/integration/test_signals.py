@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ def one(run: list[dict[str, Any]], event: str) -> dict[str, Any]:
 
 
 def check_where(run: list[dict[str, Any]], pool: str, main_pid: int, children: set[int]) -> None:
-    """All of one run in one process and thread: a prefork child, or a pool thread of the main process."""
+    """All of one run in one process and thread: a prefork child, or a main-process pool thread."""
     assert len({(line["pid"], line["thread"]) for line in run}) == 1, run
     if pool == "prefork":
         assert run[0]["pid"] in children and run[0]["pid"] != main_pid, (run, children)
@@ -258,7 +258,7 @@ def test_revoked_and_expired(basic_app: Flask, redis_env: dict[str, str], start_
                              tmp_path: Path, pool: str) -> None:
     revoked = observed.ok.delay(1, 1)
     revoked.revoke()  # read by the worker before it consumes
-    expired = observed.ok.apply_async((2, 2), expires=datetime.now(timezone.utc)
+    expired = observed.ok.apply_async((2, 2), expires=datetime.now(UTC)
                                       - timedelta(seconds=1))
     worker = start_worker(APP, "-P", pool, "-c", "2", env=redis_env)
     main_pid = worker.proc.pid

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+
 from flask_tasks import states
-from flask_tasks.backends.base import Backend, exception_from_dict, exception_to_dict
+from flask_tasks.backends.base import Backend
 from flask_tasks.backends.sql import SQLBackend
 from flask_tasks.exceptions import DecodeError, EncodeError, TimeoutError
+from flask_tasks.protocol import exception_from_dict, exception_to_dict
 from flask_tasks.result import AsyncResult
 from tests.contract import backend_contract
 

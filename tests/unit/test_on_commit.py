@@ -1,4 +1,4 @@
-"""delay_on_commit / apply_async(on_commit=True) with Flask-SQLAlchemy (broker replaced by a double)."""
+"""delay_on_commit / apply_async(on_commit=True) with Flask-SQLAlchemy (the broker a double)."""
 
 from __future__ import annotations
 

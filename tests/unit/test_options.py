@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def test_ignore_result_false_in_the_call_beats_true_in_the_task() -> None:
 
 
 def test_expires_call_beats_task() -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     called = resolve({"expires": 10}, task_with(expires=1000), CONFIG).expires
     from_task = resolve({}, task_with(expires=1000), CONFIG).expires
     assert called is not None and from_task is not None
@@ -82,7 +82,7 @@ def test_publish_retry_and_policy_over_config() -> None:
 
 
 def test_countdown_beats_eta_and_links_become_lists() -> None:
-    eta = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    eta = datetime(2030, 1, 1, tzinfo=UTC)
     soon = resolve({"countdown": 5, "eta": eta}, None, CONFIG).eta
     assert soon is not None and soon < eta
     assert resolve({"eta": datetime(2030, 1, 1)}, None, CONFIG).eta == eta  # naive is UTC

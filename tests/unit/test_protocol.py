@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,7 +13,7 @@ JSON = protocol.accept_set(["json"])
 
 
 def test_build_has_every_protocol2_header() -> None:
-    eta = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    eta = datetime(2030, 1, 1, tzinfo=UTC)
     message = protocol.build("shop.add", "id-1", (2, 3), {"z": 1}, eta=eta, expires=eta,
                              retries=2, time_limit=10, soft_time_limit=5, parent_id="p",
                              root_id="r", group_id="g")
@@ -80,9 +80,9 @@ def test_headers_must_be_protocol2(headers: dict | None) -> None:
 
 
 def test_to_datetime() -> None:
-    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
     assert protocol.to_datetime(10, now) == now + timedelta(seconds=10)
     assert protocol.to_datetime(timedelta(minutes=1), now) == now + timedelta(minutes=1)
     naive = datetime(2030, 1, 1, 12)
-    assert protocol.to_datetime(naive) == naive.replace(tzinfo=timezone.utc)
+    assert protocol.to_datetime(naive) == naive.replace(tzinfo=UTC)
     assert protocol.to_datetime(None) is None

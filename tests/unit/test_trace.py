@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,10 @@ def test_retry_is_published_through_the_given_state(app: Flask) -> None:
     """Not through current_app: the task's own Tasks is bound to no app at all."""
     state = FakeState()
     retried: list[int] = []
-    with signals.task_retry.connected_to(lambda sender, **kw: retried.append(kw["request"].retries)):
+    def on_retry(sender: Any, **kw: Any) -> None:
+        retried.append(kw["request"].retries)
+
+    with signals.task_retry.connected_to(on_retry):
         outcome = trace_task(app, state, flaky,
                              request_for(flaky, delivery_info={"routing_key": "hipri"},
                                          time_limit=9.0))
@@ -195,7 +198,7 @@ def test_config_comes_from_the_given_state(app: Flask) -> None:
 def test_expired_call_is_not_run(app: Flask) -> None:
     state = FakeState()
     revoked: list[bool] = []
-    past = datetime.now(timezone.utc) - timedelta(seconds=5)
+    past = datetime.now(UTC) - timedelta(seconds=5)
     with signals.task_revoked.connected_to(lambda sender, **kw: revoked.append(kw["expired"])):
         outcome = trace_task(app, state, add, request_for(add, 1, 2, expires=past))
     assert outcome.state == states.REVOKED and calls == [] and revoked == [True]
