@@ -12,6 +12,7 @@ from flask import Flask, current_app, has_app_context
 
 from . import config as config_module
 from .app_state import AppState
+from .cli import tasks_cli
 from .control import Control
 from .exceptions import ImproperlyConfigured
 from .options import CallOptions
@@ -64,8 +65,6 @@ class Tasks:
         config = config_module.load(app.config, app.instance_path)
         self._states[app] = AppState(self.registry, app, config)
         app.extensions["tasks"] = self
-        from .cli import tasks_cli
-
         if "tasks" not in app.cli.commands:
             app.cli.add_command(tasks_cli)
 

@@ -5,16 +5,18 @@ The Redis backend runs the same contract in tests/integration/test_backend_contr
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
 from flask_tasks import states
 from flask_tasks.backends.base import Backend
-from flask_tasks.backends.sql import SQLBackend
+from flask_tasks.backends.sql import SQLBackend, taskmeta
 from flask_tasks.exceptions import DecodeError, EncodeError, TimeoutError
 from flask_tasks.protocol import exception_from_dict, exception_to_dict
 from flask_tasks.result import AsyncResult
@@ -184,3 +186,19 @@ def test_polling_get_sees_a_result_soon_after_it_is_stored(sql_backend: Backend)
     start = time.monotonic()
     assert AsyncResult("soon", sql_backend).get(timeout=10) == 2  # default interval: 0.5 s
     assert time.monotonic() - start < 0.3
+
+
+def test_sql_reads_celery_json_rows_and_reports_garbage(tmp_path: Path) -> None:
+    backend = SQLBackend(f"sqlite:///{tmp_path}/r.sqlite")
+    backend.store_result("ours", 1, states.SUCCESS)  # creates the table
+    with backend.engine.begin() as conn:
+        conn.execute(insert(taskmeta).values(task_id="celery57", status="SUCCESS",
+                                             result=None))
+        conn.exec_driver_sql("UPDATE celery_taskmeta SET result = ? WHERE task_id = 'celery57'",
+                             (json.dumps({"n": 5}).encode(),))
+        conn.execute(insert(taskmeta).values(task_id="junk", status="SUCCESS", result=None))
+        conn.exec_driver_sql("UPDATE celery_taskmeta SET result = ? WHERE task_id = 'junk'",
+                             (b"\x00not a result",))
+    assert backend.get_task_meta("celery57")["result"] == {"n": 5}
+    with pytest.raises(DecodeError):
+        backend.get_task_meta("junk")

@@ -228,3 +228,8 @@ def test_every_celery_name_is_documented(page: str) -> None:
     missing = [f"{name} -> {setting.key}" for name, setting in CELERY_NAMES.items()
                if not any(f"`{name}`" in line and f"`{setting.key}`" in line for line in lines)]
     assert not missing, f"no line of docs/{page} maps these Celery names: {missing}"
+
+
+def test_result_expires_none_means_forever() -> None:
+    assert load({"TASKS_RESULT_EXPIRES": None}).result_expires is None
+    assert load({}).result_expires == 86400.0

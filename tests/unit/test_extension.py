@@ -285,3 +285,21 @@ def test_worker_banner_hides_passwords(tmp_path: Path) -> None:
     assert "postgresql://user:**@db.example/results" in banner
     assert "unit.bannered" in banner and "queues:      a, b" in banner
     assert "solo (concurrency: 1)" in banner
+
+
+def test_shared_and_app_task_names_clash() -> None:
+    tasks = Tasks()
+
+    @tasks.task(name="extension.clash")
+    def mine() -> None: ...
+
+    with pytest.raises(ValueError, match="Two tasks are named 'extension.clash'"):
+        @shared_task(name="extension.clash")
+        def theirs() -> None: ...
+
+    @shared_task(name="extension.clash2")
+    def shared_first() -> None: ...
+
+    with pytest.raises(ValueError, match="Two tasks are named 'extension.clash2'"):
+        @tasks.task(name="extension.clash2")
+        def app_second() -> None: ...
