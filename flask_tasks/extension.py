@@ -277,7 +277,7 @@ def shared_task(*, bind: Literal[False] = ..., **options: Any
                 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
-def shared_task(  # type: ignore[misc]  # as Tasks.task
+def shared_task(
     fn: Callable[..., Any] | None = None, /, *, bind: bool = False, **options: Any
 ) -> Any:
     """Define a task without the ``Tasks`` object (for blueprints and libraries).

@@ -321,7 +321,9 @@ def exception_from_dict(data: Mapping[str, Any]) -> BaseException:
             cls = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
             _rebuilt[key] = cls
     try:
-        return cls(*args)  # type: ignore[no-any-return]
+        exc: BaseException = cls(*args)
     except Exception:
-        fallback = type(name.rsplit(".", 1)[-1], (Exception,), {"__module__": module_name})
-        return fallback(*args)
+        fallback: type[BaseException] = type(name.rsplit(".", 1)[-1], (Exception,),
+                                             {"__module__": module_name})
+        exc = fallback(*args)
+    return exc

@@ -13,7 +13,7 @@ import fnmatch
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 RouterFunc = Callable[[str, Any, Any, Mapping[str, Any]], Any]
 

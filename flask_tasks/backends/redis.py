@@ -18,7 +18,8 @@ import redis
 from .. import states
 from .._redis import round_trip
 from ..exceptions import TimeoutError
-from .base import Backend, OnMessage
+from ..result import OnMessage
+from .base import Backend
 
 KEY_PREFIX = "celery-task-meta-"
 REVOKED_KEY = "flask_tasks-revoked"
@@ -79,7 +80,7 @@ class RedisBackend(Backend):
 
     def _get(self, task_id: str) -> dict[str, Any] | None:
         data = self.client.get(KEY_PREFIX + task_id)
-        return None if data is None else self.decode(data)  # type: ignore[arg-type]
+        return None if data is None else self.decode(data)
 
     def _delete(self, task_id: str) -> None:
         self.client.delete(KEY_PREFIX + task_id)
