@@ -11,9 +11,9 @@ from flask_tasks.config import (
     SETTINGS,
     Config,
     Setting,
-    _milliseconds_as_seconds,
     load,
 )
+from flask_tasks.config.settings import _milliseconds_as_seconds
 from flask_tasks.exceptions import ConfigWarning, ImproperlyConfigured
 
 
