@@ -12,18 +12,32 @@ import sys
 from typing import Any
 
 import click
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import AppGroup
+
+from .app_state import AppState
+from .transport.connect import broker_connection
 
 tasks_cli = AppGroup("tasks", help="Run workers and inspect tasks (flask_tasks).")
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
 
-def _state() -> Any:
+def _app_state(app: Flask) -> AppState:
+    """The flask_tasks state of ``app``.
+
+    :raises RuntimeError: the app has no flask_tasks extension.
+    """
+    ext = app.extensions.get("tasks")
+    if ext is None:
+        raise RuntimeError("The app has no flask_tasks extension; call tasks.init_app(app).")
+    state: AppState = ext.state(app)
+    return state
+
+
+def _state() -> AppState:
     """The current app's state, with TASKS_IMPORTS imported (their tasks registered)."""
-    ext = current_app.extensions["tasks"]
-    state = ext.state(current_app._get_current_object())  # type: ignore[attr-defined]
+    state = _app_state(current_app._get_current_object())  # type: ignore[attr-defined]
     for module in state.config.imports:
         importlib.import_module(module)
     return state
@@ -64,12 +78,14 @@ def worker_command(pool: str | None, concurrency: int | None, queues: list[str] 
                    loglevel: str, hostname: str | None, prefetch_multiplier: int | None,
                    max_tasks_per_child: int | None) -> None:
     """Start a worker that runs this app's tasks."""
+    # Imported when a worker starts, not with the extension: a web process
+    # never needs the worker, its pools or kombu's consumer loop.
     from .worker.main import Worker
 
     setup_logging(loglevel)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    worker = Worker(app, pool=pool, concurrency=concurrency, queues=queues, hostname=hostname,
-                    prefetch_multiplier=prefetch_multiplier,
+    worker = Worker(app, _app_state(app), pool=pool, concurrency=concurrency, queues=queues,
+                    hostname=hostname, prefetch_multiplier=prefetch_multiplier,
                     max_tasks_per_child=max_tasks_per_child)
     click.echo(worker.banner())
     worker.install_signal_handlers()
@@ -132,8 +148,6 @@ def result_command(task_id: str, timeout: float | None) -> None:
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def purge_command(queues: list[str] | None, force: bool) -> None:
     """Delete every waiting message from the queues."""
-    from .publisher import broker_connection
-
     state = _state()
     names = queues or [state.config.default_queue]
     if not force:

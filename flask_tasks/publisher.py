@@ -12,55 +12,14 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from kombu import Connection, Producer, Queue
-from kombu.utils.url import sanitize_url
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.messaging import Producer
 
 from .protocol import Message
+from .transport.connect import broker_connection
 
 logger = logging.getLogger("flask_tasks.publisher")
-
-
-def mask_url(url: str | None) -> str:
-    """``url`` with its password replaced by ``**``: the one way URLs are shown."""
-    if not url:
-        return str(url)
-    if "@" not in url:
-        return url
-    try:
-        return str(sanitize_url(url))
-    except Exception:  # an unparsable URL: hide everything between :// and @
-        head, sep, tail = url.partition("://")
-        return f"{head}{sep}**@{tail.rsplit('@', 1)[-1]}" if "@" in tail else url
-
-
-class BrokerConnection(Connection):
-    """kombu's :class:`~kombu.Connection`, shown without a password it does not have.
-
-    kombu's ``as_uri()`` (which ``ConsumerMixin`` logs as "Connected to ...")
-    writes ``:**@`` even when the URL has no password; here a URL without one
-    is shown as it is, and one with a password still has it masked.
-    """
-
-    def as_uri(self, include_password: bool = False, mask: str = "**",
-               *args: Any, **kwargs: Any) -> str:
-        if not include_password and not self.password:
-            include_password = True  # nothing to hide
-        return str(super().as_uri(include_password, mask, *args, **kwargs))
-
-
-def broker_connection(url: str, transport_options: Mapping[str, Any] | None = None,
-                      connect_timeout: float | None = None) -> Connection:
-    """A kombu :class:`~kombu.Connection` for ``url`` (the embedded scheme registered)."""
-    if url.startswith("embedded:"):
-        from .transport import embedded  # noqa: F401 - registers the scheme
-
-    connection = BrokerConnection(url, transport_options=dict(transport_options or {}),
-                            connect_timeout=connect_timeout)
-    if connection.transport_cls in ("redis", "rediss"):
-        from .transport.redis import Transport
-
-        connection.transport_cls = Transport  # kombu's, with batched round trips
-    return connection
 
 
 class Publisher:

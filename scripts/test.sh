@@ -2,6 +2,7 @@
 # Run the whole test suite, installing what it needs first:
 # redis-server and Chromium (from the system's packages) and the project with its test
 # extra. It also installs the project alone into a fresh virtualenv (a test does).
+# Then the checks (ruff, mypy --strict, the import-linter layer contracts) and pytest.
 # Extra arguments go to pytest, e.g. `scripts/test.sh tests/unit -x`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,5 +28,9 @@ if ((${#missing[@]})); then
 fi
 
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
-"$PYTHON" -m mypy
+echo "ruff:" && "$PYTHON" -m ruff check flask_tasks tests bench example_app
+echo "mypy --strict:" && "$PYTHON" -m mypy
+echo "lint-imports:" && "$PYTHON" -c \
+    "import sys; from importlinter.cli import lint_imports_command as lint; sys.exit(lint())" \
+    --no-cache
 "$PYTHON" -m pytest "$@"

@@ -137,8 +137,16 @@ class Channel(virtual.Channel):
     when they make a message ready (publish, requeue).
     """
 
+    if t.TYPE_CHECKING:  # kombu's, untyped: the signatures flask_tasks' channels rely on
+        def _get_message_priority(self, message: dict[str, t.Any],
+                                  reverse: bool = False) -> int: ...
+        def basic_consume(self, queue: str, no_ack: bool, *args: t.Any,
+                          **kwargs: t.Any) -> t.Any: ...
+        def basic_cancel(self, consumer_tag: str) -> t.Any: ...
+        def close(self) -> None: ...
+
     def __init__(self, connection: Transport, **kwargs: t.Any) -> None:
-        super().__init__(connection, **kwargs)
+        virtual.Channel.__init__(self, connection, **kwargs)
         self._watch = ChangeWatch(float(connection.polling_interval or 0))
 
     def change_token(self) -> Hashable:
@@ -151,8 +159,10 @@ class Channel(virtual.Channel):
     def drain_events(self, timeout: float | None = None, callback: t.Any = None) -> t.Any:
         if not (self._consumers and self.qos.can_consume()):
             raise Empty()
-        poll = super().drain_events
-        return self._watch.poll(self.change_token(), lambda: poll(timeout, callback))
+        def poll() -> t.Any:
+            return virtual.Channel.drain_events(self, timeout, callback)
+
+        return self._watch.poll(self.change_token(), poll)
 
 
 class Transport(virtual.Transport):
@@ -170,7 +180,7 @@ class Transport(virtual.Transport):
     min_polling_interval = 0.001
 
     def __init__(self, client: t.Any, **kwargs: t.Any) -> None:
-        super().__init__(client, **kwargs)
+        virtual.Transport.__init__(self, client, **kwargs)
         options = client.transport_options
         self.min_polling_interval = float(options.get("min_polling_interval",
                                                       self.min_polling_interval))

@@ -13,6 +13,12 @@ Every pool has the same small interface, driven by the worker's main loop
                             seconds when none are ready (0: never waits)
     begin_shutdown()        stop starting queued jobs: they come back SKIPPED
     stop(cold)              end the pool; cold kills running jobs
+    terminate_job(tag)      kill the process running a job (False: cannot)
+
+and says how it runs them: ``name`` (what ``-P`` takes), ``inline`` (submit
+runs the job at once, in the caller's thread) and ``queues_jobs`` (a
+submitted job may wait before it starts; ``started()`` tells, and
+``terminate_job()`` can kill it).
 
 A prefork child whose process dies (killed, segfault, ``os._exit``) is
 replaced; its job's outcome says ``lost``.
@@ -24,7 +30,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .executor import ACK, Job, Outcome
 from .prefork import LOST, PreforkPool
@@ -40,8 +46,14 @@ __all__ = ["LOST", "POOLS", "Pool", "PreforkPool", "SoloPool", "ThreadPool"]
 class Pool(Protocol):
     """The interface the worker drives; see the module docstring."""
 
+    name: ClassVar[str]
+    inline: ClassVar[bool]
+    queues_jobs: ClassVar[bool]
     limit: int
 
+    def __init__(self, runner: Runner, limit: int, *, max_tasks_per_child: int | None = None,
+                 on_child_start: Callable[[], None] | None = None, depth: int | None = None,
+                 flush: Callable[[], None] | None = None) -> None: ...
     def start(self) -> None: ...
     def free(self) -> int: ...
     def busy(self) -> int: ...
@@ -50,10 +62,15 @@ class Pool(Protocol):
     def collect(self, timeout: float) -> list[Outcome]: ...
     def begin_shutdown(self) -> None: ...
     def stop(self, cold: bool = False) -> None: ...
+    def terminate_job(self, tag: int) -> bool: ...
 
 
 class SoloPool:
     """Runs each job in the worker's own thread, one at a time."""
+
+    name: ClassVar[str] = "solo"
+    inline: ClassVar[bool] = True
+    queues_jobs: ClassVar[bool] = False
 
     def __init__(self, runner: Runner, limit: int = 1, **_: Any) -> None:
         self.runner = runner
@@ -90,9 +107,16 @@ class SoloPool:
     def stop(self, cold: bool = False) -> None:
         return None
 
+    def terminate_job(self, tag: int) -> bool:
+        return False  # it runs in the worker's own thread
+
 
 class ThreadPool:
     """Runs jobs on ``limit`` threads of the worker process."""
+
+    name: ClassVar[str] = "threads"
+    inline: ClassVar[bool] = False
+    queues_jobs: ClassVar[bool] = False
 
     def __init__(self, runner: Runner, limit: int, **_: Any) -> None:
         self.runner = runner
@@ -153,5 +177,9 @@ class ThreadPool:
             for thread in self._threads:
                 thread.join(timeout=5)
 
+    def terminate_job(self, tag: int) -> bool:
+        return False  # a thread cannot be killed
 
-POOLS: dict[str, type[Any]] = {"prefork": PreforkPool, "threads": ThreadPool, "solo": SoloPool}
+
+#: The pools ``-P`` names.
+POOLS: dict[str, type[Pool]] = {pool.name: pool for pool in (PreforkPool, ThreadPool, SoloPool)}

@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, ClassVar
 
 from .executor import ACK, SKIP, Job, Outcome
 
@@ -179,6 +179,10 @@ class PreforkPool:
     :param max_tasks_per_child: replace a child after this many jobs.
     :param on_child_start: called in each new child before it takes jobs.
     """
+
+    name: ClassVar[str] = "prefork"
+    inline: ClassVar[bool] = False
+    queues_jobs: ClassVar[bool] = True
 
     def __init__(self, runner: Runner, limit: int, max_tasks_per_child: int | None = None,
                  on_child_start: Callable[[], None] | None = None, depth: int | None = None,

@@ -14,8 +14,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Message, Producer, Queue
 
-from flask_tasks.publisher import broker_connection
-from flask_tasks.transport.redis import Detached
+from flask_tasks.transport.base import Detached
+from flask_tasks.transport.connect import broker_connection
 
 QUEUE = Queue("q", routing_key="q")
 

@@ -279,7 +279,7 @@ def test_worker_banner_hides_passwords(tmp_path: Path) -> None:
     @tasks.task(name="unit.bannered")
     def bannered() -> None: ...
 
-    banner = Worker(app, pool="solo", queues=["a", "b"]).banner()
+    banner = Worker(app, tasks.state(app), pool="solo", queues=["a", "b"]).banner()
     assert "s3cret" not in banner and "hunter2" not in banner
     assert "redis://:**@broker.example:6379/0" in banner
     assert "postgresql://user:**@db.example/results" in banner

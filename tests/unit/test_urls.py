@@ -7,7 +7,7 @@ import logging
 import pytest
 from kombu.mixins import ConsumerMixin
 
-from flask_tasks.publisher import broker_connection, mask_url
+from flask_tasks.transport.connect import broker_connection, mask_url
 
 CASES = [
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),

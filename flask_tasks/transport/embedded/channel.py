@@ -1,48 +1,6 @@
-"""A kombu transport that keeps its messages in one local SQLite file.
+"""The embedded broker's channel: claims, leases and acknowledgements on the SQLite rows.
 
-The zero-configuration default broker: processes on one machine (web
-server, workers) share queues through one database file, with no server
-to run. Importing this module registers the ``embedded`` scheme::
-
-    kombu.Connection("embedded:////var/lib/app/broker.sqlite")  # absolute
-    kombu.Connection("embedded:///broker.sqlite")  # relative to the CWD
-
-Design: one ``messages`` row per queued message. A consumer *claims* the
-first ready row (highest ``priority`` first, 0-9, as in AMQP; then
-oldest) with one ``UPDATE ... RETURNING`` inside ``BEGIN IMMEDIATE``,
-stamping it with a lease (owner token and ``lease_until``). The row stays
-until the message is acked (deleted) or rejected (``requeue=False``
-deletes it, ``requeue=True`` clears the lease). Closing a channel clears
-the leases of the messages it holds. Consumers poll (:mod:`.polling`)
-``min_polling_interval`` after a message, doubling up to
-``polling_interval``; an idle poll reads only SQLite's ``data_version``
-until another connection commits (or ``polling_interval`` passes).
-
-Guarantees:
-
-- At most one consumer holds a message at a time, across processes.
-- If the holder dies without acking (even ``kill -9``), the message is
-  redelivered once its lease expires, ``visibility_timeout`` seconds
-  after the last renewal: at least once, with
-  ``delivery_info["redelivered"]`` set.
-- A slow consumer keeps its messages: while polled, a channel renews the
-  leases of the messages it holds (delivered, not acked) every
-  ``visibility_timeout / 3`` seconds; a worker that blocks while running
-  a task calls :meth:`Channel.renew_leases` from another thread instead.
-
-Limits: one machine, on a local file system (SQLite locking is not safe
-on NFS or other network shares); a few hundred to a few thousand messages
-per second (use Redis beyond that). Leases use the wall clock: a large
-clock jump may redeliver early. Only ``direct`` and ``topic`` exchanges
-work, not ``fanout`` (``Transport.implements`` says so). As in kombu's
-other virtual transports, exchange bindings live in process memory: a
-producer that routes through a named exchange must declare the queue
-(``publish(..., declare=[queue])``); the default exchange always works.
-
-Transport options (all seconds): ``visibility_timeout`` (default 30),
-``polling_interval`` (0.05), ``min_polling_interval`` (0.001),
-``busy_timeout`` (30, wait for the file lock), ``housekeeping_interval``
-(60, WAL truncation and vacuum).
+See :mod:`flask_tasks.transport.embedded` for the design and its guarantees.
 """
 
 from __future__ import annotations
@@ -57,40 +15,20 @@ import time
 import typing as t
 import uuid
 from queue import Empty
-from urllib.parse import quote, unquote
 
-import kombu.transport
+from kombu import message as kombu_message
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
-from ..protocol import envelope_eta
-from . import polling
+from ...protocol import envelope_eta
+from .. import polling
+from ..base import WorkerChannel
+from .sqlite import CLAIM, PICK, READY, TAKE, Params, connect, row_id
+
+if t.TYPE_CHECKING:
+    from . import Transport
 
 logger = logging.getLogger("flask_tasks.transport.embedded")
-
-SCHEME = "embedded"
-
-_SCHEMA = """
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: stale acks are harmless
-    queue TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL,
-    lease_until REAL, lease_owner TEXT, deliveries INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS messages_claim ON messages (queue, priority DESC, id);
-CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY);
-COMMIT;
-"""
-_READY = "queue = ? AND (lease_until IS NULL OR lease_until < ?)"
-_PICK = f"SELECT id FROM messages WHERE {_READY} ORDER BY priority DESC, id LIMIT 1"
-_CLAIM = (
-    "UPDATE messages SET lease_until = ?, lease_owner = ?,"
-    f" deliveries = deliveries + 1 WHERE id = ({_PICK})"
-    " RETURNING id, payload, deliveries"
-)
-_TAKE = f"DELETE FROM messages WHERE id = ({_PICK}) RETURNING id, payload, deliveries + 1"
-
-Params = t.Sequence[t.Any]
 
 # Connections opened before a fork. SQLite must not touch them in the
 # child, not even to close them, so they are kept alive here.
@@ -106,64 +44,6 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def url_for_path(path: str | os.PathLike[str]) -> str:
-    """Return the ``embedded://`` URL of a database file.
-
-    :param path: The database file; made absolute against the CWD.
-    """
-    return f"{SCHEME}:///" + quote(os.path.abspath(os.fspath(path)))
-
-
-def path_from_url(url: str) -> str:
-    """Return the absolute database path that an ``embedded`` URL names.
-
-    As in SQLAlchemy, ``embedded:////abs/file`` (four slashes) is an
-    absolute path and ``embedded:///file`` is relative to the CWD. A
-    value without ``://`` is taken as a plain path.
-
-    :param url: The URL, or a plain file system path.
-    :raises ValueError: The URL names a host or no file.
-    """
-    target = url
-    if "://" in url:
-        rest = url.partition("://")[2].split("?", 1)[0]
-        if not rest.startswith("/"):
-            raise ValueError(
-                f"Invalid broker URL {url!r}: use {SCHEME}:////absolute/path"
-                f" or {SCHEME}:///relative/path."
-            )
-        target = unquote(rest[1:])
-    if not target or target == "localhost":
-        raise ValueError(f"No database file in broker URL {url!r}.")
-    return os.path.abspath(target)
-
-
-def _row_id(delivery_tag: t.Any) -> int:
-    return int(str(delivery_tag).partition(".")[0])  # tag: "<row id>.<delivery>"
-
-
-def _connect(path: str, busy_timeout: float) -> sqlite3.Connection:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    conn = sqlite3.connect(path, busy_timeout, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA journal_size_limit = 16777216")
-    deadline = time.monotonic() + busy_timeout
-    while True:  # switching to WAL can fail at once while a peer creates the file
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # new file only
-                conn.execute("PRAGMA journal_mode = WAL").fetchall()
-            conn.executescript(_SCHEMA)
-            return conn
-        except sqlite3.OperationalError:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if time.monotonic() > deadline:
-                conn.close()
-                raise
-            time.sleep(0.05)
-
-
 class QoS(virtual.QoS):
     """Acknowledgement state that acts on the database rows.
 
@@ -174,9 +54,14 @@ class QoS(virtual.QoS):
 
     channel: Channel
 
+    if t.TYPE_CHECKING:  # kombu's, untyped: the signatures this module relies on
+        def can_consume(self) -> bool: ...
+        def _quick_ack(self, delivery_tag: t.Any) -> None: ...
+        def append(self, message: t.Any, delivery_tag: t.Any) -> None: ...
+
     def ack(self, delivery_tag: t.Any) -> None:
         self.channel._delete_row(delivery_tag)
-        super().ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: t.Any, requeue: bool = False) -> None:
         if requeue:
@@ -189,15 +74,21 @@ class QoS(virtual.QoS):
         """Return the row ids of the delivered, not yet acked messages."""
         for _ in range(10):  # another thread may ack while we iterate
             try:
-                delivered, dirty = t.cast(dict, self._delivered), t.cast(set, self._dirty)
-                return [_row_id(tag) for tag in delivered if tag not in dirty]
+                delivered, dirty = self._delivered, self._dirty
+                return [row_id(tag) for tag in delivered if tag not in dirty]
             except RuntimeError:
                 continue
         return []
 
 
-class Channel(polling.Channel):
+_QoS = QoS  # for annotations inside Channel, whose QoS attribute shadows the name
+
+
+class Channel(polling.Channel, WorkerChannel):
     """A channel with its own SQLite connection, opened lazily per process.
+
+    As a :class:`~flask_tasks.transport.base.WorkerChannel` it holds leases
+    (:meth:`renew_leases`) and keeps delayed messages (:meth:`schedule`).
 
     :param connection: The :class:`Transport` this channel belongs to.
     """
@@ -212,8 +103,15 @@ class Channel(polling.Channel):
     #: Seconds between WAL truncation and free-page vacuum.
     housekeeping_interval: float = 60.0
 
+    if t.TYPE_CHECKING:  # kombu's, untyped: the signatures this class relies on
+        _qos: _QoS | None
+        _tag_to_queue: dict[str, str]
+        @property
+        def qos(self) -> _QoS: ...
+        Message: type[virtual.Message]
+
     def __init__(self, connection: Transport, **kwargs: t.Any) -> None:
-        super().__init__(connection, **kwargs)
+        polling.Channel.__init__(self, connection, **kwargs)
         self.visibility_timeout = float(self.visibility_timeout)
         if self.visibility_timeout <= 0:
             raise ValueError("visibility_timeout must be positive.")
@@ -236,7 +134,7 @@ class Channel(polling.Channel):
                 self._conn, self._pid, self._lock = None, pid, threading.RLock()
                 self._owner = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex}"
             if self._conn is None:
-                self._conn = _connect(self.path, self.busy_timeout)
+                self._conn = connect(self.path, self.busy_timeout)
             return self._conn, self._lock, self._owner
 
     def _query(self, sql: str, params: Params = ()) -> list[t.Any]:
@@ -281,36 +179,45 @@ class Channel(polling.Channel):
         return self._claim(queue, no_ack=queue in self._noack_queues)
 
     def _claim(self, queue: str, no_ack: bool) -> dict[str, t.Any]:
-        if not self._query(_PICK, (queue, time.time())):
+        if not self._query(PICK, (queue, time.time())):
             raise Empty()  # an idle poll is one indexed read, no write lock
         now, owner = time.time(), self._db()[2]
         if no_ack:  # no ack will come: take the row out now
-            rows = self._write([(_TAKE, (queue, now))])
+            rows = self._write([(TAKE, (queue, now))])
         else:
             lease = (now + self.visibility_timeout, owner, queue, now)
-            rows = self._write([(_CLAIM, lease)])
+            rows = self._write([(CLAIM, lease)])
         if not rows:
             raise Empty()  # another consumer was faster
-        row_id, payload, deliveries = rows[0]
+        row, payload, deliveries = rows[0]
         message: dict[str, t.Any] = loads(payload)
         props = message["properties"]
-        props["delivery_tag"] = f"{row_id}.{deliveries}"
+        props["delivery_tag"] = f"{row}.{deliveries}"
         props.setdefault("delivery_info", {})["redelivered"] = deliveries > 1
         return message
 
     def _delete_row(self, delivery_tag: t.Any) -> None:
-        self._execute("DELETE FROM messages WHERE id = ?", (_row_id(delivery_tag),))
+        self._execute("DELETE FROM messages WHERE id = ?", (row_id(delivery_tag),))
 
     def _release(self, delivery_tag: t.Any) -> None:
         sql = (
             "UPDATE messages SET lease_until = NULL, lease_owner = NULL"
             " WHERE id = ? AND lease_owner = ?"
         )
-        self._execute(sql, (_row_id(delivery_tag), self._db()[2]))
+        self._execute(sql, (row_id(delivery_tag), self._db()[2]))
         polling.doorbell.ring()
 
     def _restore(self, message: virtual.Message) -> None:
         self._release(message.delivery_tag)
+
+    # -- WorkerChannel -----------------------------------------------------
+
+    @property
+    def lease_timeout(self) -> float:
+        return self.visibility_timeout
+
+    def can_consume(self) -> bool:
+        return self.qos.can_consume()
 
     def renew_leases(self) -> int:
         """Extend the leases of the messages this channel holds.
@@ -335,6 +242,15 @@ class Channel(polling.Channel):
         if count < len(ids):
             logger.debug("Renewed %d of %d held leases.", count, len(ids))
         return count
+
+    def schedule(self, message: kombu_message.Message, queue: str) -> bool:
+        """Store a copy of a message that arrived before its ``eta``, leased until then."""
+        if not isinstance(message, virtual.Message):
+            return False
+        self._put(queue, message.serializable())  # as kombu restores a message
+        return True
+
+    # -- polling -----------------------------------------------------------
 
     def _maintain(self) -> None:
         now = time.monotonic()
@@ -391,11 +307,11 @@ class Channel(polling.Channel):
         return bool(self._query("SELECT 1 FROM queues WHERE name = ?", (queue,)))
 
     def _size(self, queue: str) -> int:
-        sql = f"SELECT COUNT(*) FROM messages WHERE {_READY}"
+        sql = f"SELECT COUNT(*) FROM messages WHERE {READY}"
         return int(self._query(sql, (queue, time.time()))[0][0])
 
     def _purge(self, queue: str) -> int:
-        sql = f"DELETE FROM messages WHERE {_READY}"  # held messages stay
+        sql = f"DELETE FROM messages WHERE {READY}"  # held messages stay
         return self._execute(sql, (queue, time.time()))
 
     def _delete(self, queue: str, *args: t.Any, **kwargs: t.Any) -> None:
@@ -419,36 +335,3 @@ class Channel(polling.Channel):
                 conn = None
         if conn is not None:
             conn.close()
-
-
-class Transport(polling.Transport):
-    """The kombu transport for ``embedded://`` URLs; see the module docs.
-
-    :param client: The :class:`kombu.Connection` using this transport.
-    :raises ValueError: The URL names no database file.
-    """
-
-    Channel = Channel
-    can_parse_url = True  # kombu passes the whole URL as the hostname
-    driver_type = "sqlite"
-    driver_name = "sqlite3"
-    implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct", "topic"]), heartbeats=False
-    )
-    connection_errors: tuple[type[BaseException], ...] = (  # type: ignore[assignment]
-        *virtual.Transport.connection_errors, sqlite3.OperationalError)
-
-    def __init__(self, client: t.Any, **kwargs: t.Any) -> None:
-        #: Absolute path of the database file.
-        self.path = path_from_url(client.hostname or "")
-        super().__init__(client, **kwargs)
-
-    def driver_version(self) -> str:
-        return sqlite3.sqlite_version
-
-    @property
-    def default_connection_params(self) -> dict[str, t.Any]:
-        return {}  # no "localhost" default: the URL must name a file
-
-
-kombu.transport.TRANSPORT_ALIASES[SCHEME] = "flask_tasks.transport.embedded:Transport"
