@@ -16,6 +16,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from .app_state import AppState
+from .exceptions import TimeoutError
 from .transport.connect import broker_connection
 
 tasks_cli = AppGroup("tasks", help="Run workers and inspect tasks (flask_tasks).")
@@ -126,8 +127,6 @@ def call_command(name: str, args_json: str, kwargs_json: str, queue: str | None,
               help="Wait up to this many seconds for the task to be ready.")
 def result_command(task_id: str, timeout: float | None) -> None:
     """Print the state and result of TASK_ID as JSON."""
-    from .exceptions import TimeoutError
-
     result = current_app.extensions["tasks"].AsyncResult(task_id)
     if timeout is not None:
         try:

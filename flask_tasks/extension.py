@@ -6,7 +6,7 @@ import gc
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, Unpack, overload
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, Unpack, overload
 
 from flask import Flask, current_app, has_app_context
 
@@ -19,9 +19,6 @@ from .options import CallOptions
 from .registry import Registry, shared_registry
 from .result import AsyncResult
 from .task import Task, make_task
-
-if TYPE_CHECKING:
-    from typing import Concatenate
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .exceptions import NotRegistered
-
-if TYPE_CHECKING:
-    from .task import Task
+from .task import Task
 
 
 class Registry:

@@ -13,20 +13,16 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, Unpack
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack
 
-from flask import has_app_context
+from flask import Flask, has_app_context
 
+from .backends.base import Backend
+from .config import Config
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
 from .options import CallOptions, RetryOptions, check_task_options, retry_options
 from .protocol import Context
 from .result import AsyncResult, EagerResult
-
-if TYPE_CHECKING:
-    from flask import Flask
-
-    from .backends.base import Backend
-    from .config import Config
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -25,7 +25,7 @@ from typing import Any
 from kombu.serialization import dumps, loads, registry
 
 from .. import states
-from ..exceptions import DecodeError, EncodeError, TimeoutError
+from ..exceptions import DecodeError, EncodeError, ImproperlyConfigured, TimeoutError
 from ..protocol import exception_to_dict
 from ..result import OnMessage
 
@@ -319,8 +319,6 @@ class DisabledBackend(Backend):
         return None
 
     def _get(self, task_id: str) -> dict[str, Any] | None:
-        from ..exceptions import ImproperlyConfigured
-
         raise ImproperlyConfigured(
             "No result backend is configured (RESULT_BACKEND = 'disabled'), so task "
             "states cannot be read. Set RESULT_BACKEND, e.g. 'redis://localhost:6379/1'."

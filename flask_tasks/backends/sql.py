@@ -43,6 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
+from .. import states
 from ..exceptions import DecodeError
 from .base import Backend
 
@@ -222,8 +223,6 @@ class SQLBackend(Backend):
             ).first()
         if row is None:
             return None
-        from .. import states
-
         done = row.date_done
         return {
             "task_id": task_id,

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask
 
 from .. import states
+from ..app_state import AppState
 from ..exceptions import DecodeError, NotRegistered
 from ..options import time_limits
 from ..protocol import parse
 from ..registry import unknown_task_message
 from ..trace import ACK, REJECT, REQUEUE, SKIP, Outcome, trace_task
-
-if TYPE_CHECKING:
-    from ..app_state import AppState
 
 __all__ = ["ACK", "REJECT", "REQUEUE", "SKIP", "Job", "Outcome", "run_job", "time_limits"]
 
