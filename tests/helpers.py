@@ -84,6 +84,33 @@ class RedisServer:
         self.start()
 
 
+class OutputReader:
+    """Collects a subprocess's merged stdout/stderr lines from a thread of its own.
+
+    :param proc: a process started with ``stdout=PIPE, text=True``.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        """Everything read so far."""
+        return "".join(self.lines)
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait until the process closed its output (or ``timeout`` seconds)."""
+        self._thread.join(timeout)
+
+
 class WorkerProcess:
     """``flask --app APP tasks worker ...`` as a real subprocess, its output captured.
 
@@ -100,18 +127,11 @@ class WorkerProcess:
         self.proc = subprocess.Popen(self.cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        self.output_reader = OutputReader(self.proc)
 
     @property
     def output(self) -> str:
-        return "".join(self.lines)
+        return self.output_reader.text
 
     def wait_ready(self, timeout: float = 20.0) -> WorkerProcess:
         def ready() -> bool:
@@ -137,7 +157,7 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        self._reader.join(timeout=5)
+        self.output_reader.join()
         return self.proc.returncode
 
     def kill_group(self) -> None:
@@ -160,18 +180,11 @@ class ExampleScript:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True)
         self.session = self.proc.pid
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        self.output_reader = OutputReader(self.proc)
 
     @property
     def output(self) -> str:
-        return "".join(self.lines)
+        return self.output_reader.text
 
     def wait_ready(self, timeout: float) -> None:
         def ready() -> bool:
@@ -192,7 +205,7 @@ class ExampleScript:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"run-example.sh still runs after {timeout} s:\n"
                                  f"{self.output}") from None
-        self._reader.join(timeout=5)
+        self.output_reader.join()
         return code
 
     def leftovers(self) -> list[str]:
