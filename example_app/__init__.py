@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
 from . import extensions
 
@@ -52,5 +54,21 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(views.bp)
     with app.app_context():
-        extensions.db.create_all()
+        create_tables()
     return app
+
+
+def create_tables() -> None:
+    """Create the app's tables; safe when the web app and the worker start together.
+
+    Both processes run :func:`create_app` at the same moment, and SQLite's
+    "check, then CREATE TABLE" is not atomic: the loser of that race gets
+    ``table ... already exists``, which only means the winner did the work.
+    """
+    try:
+        extensions.db.create_all()
+    except OperationalError:
+        inspector = inspect(extensions.db.engine)
+        if not all(inspector.has_table(name) for name in extensions.db.metadata.tables):
+            raise
+

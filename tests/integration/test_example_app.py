@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy.exc import OperationalError
 
-from example_app import create_app
+from example_app import create_app, create_tables
 from example_app.extensions import db
 from example_app.models import Report
 from example_app.tasks import analyze_csv
@@ -74,6 +75,24 @@ def test_eager_json_and_upload(eager_client: FlaskClient) -> None:
     assert [r["filename"] for r in reports] == ["upload.csv", "fruit.csv"]
     assert eager_client.get("/").status_code == 200
     assert status(eager_client, "no-such-task")["state"] == "PENDING"
+
+
+def test_tables_created_by_the_other_process_are_fine(
+        make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web app and the worker start together; the loser of the CREATE TABLE race goes on."""
+    app = make_app()
+    with app.app_context():
+        # What the loser sees: its check said "missing", then CREATE TABLE meets the table.
+        monkeypatch.setattr(db, "create_all",
+                            lambda: db.metadata.create_all(db.engine, checkfirst=False))
+        with pytest.raises(OperationalError, match="already exists"):
+            db.create_all()
+        create_tables()  # takes the race's outcome for what it is
+        db.drop_all()  # a real failure, the tables not there ...
+        monkeypatch.setattr(db, "create_all", lambda: (_ for _ in ()).throw(
+            OperationalError("CREATE TABLE report", {}, Exception("disk I/O error"))))
+        with pytest.raises(OperationalError, match="disk I/O"):
+            create_tables()  # ... is not swallowed
 
 
 @pytest.mark.parametrize("kwargs", [
