@@ -90,7 +90,7 @@ class AppState:
         if self._publisher is None:
             self._publisher = Publisher(
                 self.broker_url,
-                transport_options=self.config.broker_transport_options,
+                transport_options=self.config.transport_options,
                 pool_limit=self.config.broker_pool_limit,
                 connect_timeout=self.config.broker_connection_timeout,
             )

@@ -152,7 +152,7 @@ def purge_command(queues: list[str] | None, force: bool) -> None:
     if not force:
         click.confirm(f"Delete all messages waiting in {', '.join(names)}?", abort=True)
     total = 0
-    with broker_connection(state.broker_url, state.config.broker_transport_options) as conn:
+    with broker_connection(state.broker_url, state.config.transport_options) as conn:
         channel = conn.default_channel
         for name in names:
             queue = state.router.queue(name)(channel)

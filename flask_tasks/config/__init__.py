@@ -68,6 +68,10 @@ class Config:
         default_factory=lambda: dict(DEFAULT_RETRY_POLICY)
     )
     broker_transport_options: Mapping[str, Any] | None = None
+    broker_max_message_size: int = 64 * 1024 * 1024
+    dead_letter_max_entries: int | None = 10_000
+    dead_letter_max_age: float | None = 7 * 24 * 3600.0
+    dead_letter_rejected: bool = False
     broker_pool_limit: int = 10
     broker_connection_timeout: float = 4.0
     imports: tuple[str, ...] = ()
@@ -76,6 +80,16 @@ class Config:
     worker_prefetch_multiplier: int = 4
     worker_max_tasks_per_child: int | None = None
     embedded_dir: str | None = None
+
+    @property
+    def transport_options(self) -> dict[str, Any]:
+        """kombu transport options: ``TASKS_BROKER_TRANSPORT_OPTIONS`` over the dead-letter
+        and message-size settings (``dead_letter_max_entries``, ``dead_letter_max_age``,
+        ``max_message_size``), which flask_tasks' transports read."""
+        return {"dead_letter_max_entries": self.dead_letter_max_entries,
+                "dead_letter_max_age": self.dead_letter_max_age,
+                "max_message_size": self.broker_max_message_size,
+                **(self.broker_transport_options or {})}
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied (for tests and the CLI)."""

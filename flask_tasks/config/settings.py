@@ -197,6 +197,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TASKS_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", None, (dict,),
             "Options passed to the kombu transport (e.g. ``{'visibility_timeout': 3600}``).",
             celery="broker_transport_options"),
+    Setting("TASKS_BROKER_MAX_MESSAGE_SIZE", "broker_max_message_size", 64 * 1024 * 1024,
+            (int,),
+            "Largest broker entry, in bytes, a worker takes; a larger one is set aside as a "
+            "dead letter."),
+    Setting("TASKS_DEAD_LETTER_MAX_ENTRIES", "dead_letter_max_entries", 10_000, (int,),
+            "Most dead letters kept per queue (the oldest are dropped first); None: no limit.",
+            explicit_none=True),
+    Setting("TASKS_DEAD_LETTER_MAX_AGE", "dead_letter_max_age", 7 * 24 * 3600.0,
+            (int, float),
+            "Seconds a dead letter is kept (default 7 days); None: until purged.",
+            explicit_none=True, from_celery=_timedelta_as_seconds),
+    Setting("TASKS_DEAD_LETTER_REJECTED", "dead_letter_rejected", False, (bool,),
+            "Also set aside task messages rejected for their content (unknown task, bad "
+            "arguments or headers, refused content type) as dead letters, instead of "
+            "dropping them after storing FAILURE. Malformed broker entries are always set "
+            "aside."),
     Setting("TASKS_BROKER_POOL_LIMIT", "broker_pool_limit", 10, (int,),
             "Idle broker connections kept for publishing, per process.",
             celery="broker_pool_limit"),

@@ -19,6 +19,9 @@ can do more for a worker, and the worker needs it:
                            their queues
 ``lease_timeout``          seconds a held message stays leased without
 ``renew_leases()``         renewal, and renewing them from another thread
+``dead_letters``           the broker's dead-letter store (None: it keeps none)
+``dead_letter(m, reason)`` set a delivered message aside there, acknowledged
+``dead_lettered``          how many entries this channel set aside
 =========================  ==================================================
 
 :class:`WorkerChannel` declares them once, with the defaults that are right
@@ -40,6 +43,8 @@ from typing import ClassVar
 
 from kombu.message import Message
 from kombu.transport import virtual
+
+from .dead_letters import DeadLetters
 
 __all__ = ["ACK_MAX_AGE", "Detached", "PlainChannel", "WorkerChannel", "worker_channel"]
 
@@ -84,6 +89,23 @@ class WorkerChannel:
     #: over a new one (:meth:`detach`, :meth:`settle_detached`). False: the
     #: broker redelivers every message the lost connection had not acknowledged.
     settles_by_tag: ClassVar[bool] = False
+    #: Entries this channel set aside as dead letters (malformed, or rejected).
+    dead_lettered: int = 0
+    #: The worker's node name, written into the dead letters it sets aside.
+    node_name: str = ""
+
+    @property
+    def dead_letters(self) -> DeadLetters | None:
+        """The broker's dead-letter store (:mod:`.dead_letters`); None: it keeps none."""
+        return None
+
+    def dead_letter(self, message: Message, reason: str) -> bool:
+        """Set a delivered message aside as a dead letter and acknowledge it, atomically.
+
+        :returns: False if the broker keeps no dead letters (the caller
+            rejects the message instead).
+        """
+        return False
 
     @property
     def lease_timeout(self) -> float | None:

@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 from kombu.connection import Connection
 from kombu.utils.url import sanitize_url
 
-__all__ = ["BrokerConnection", "broker_connection", "mask_url"]
+__all__ = ["OWN_OPTIONS", "BrokerConnection", "broker_connection", "mask_url"]
+
+#: Transport options only flask_tasks' transports (Redis, embedded) read; not
+#: given to kombu's others (py-amqp passes its options on to the socket layer).
+OWN_OPTIONS = ("dead_letter_max_entries", "dead_letter_max_age", "max_message_size")
 
 
 def mask_url(url: str | None) -> str:
@@ -62,10 +66,14 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
     if url.startswith("embedded:"):
         from . import embedded  # noqa: F401 - registers the scheme with kombu
 
-    connection = BrokerConnection(url, transport_options=dict(transport_options or {}),
+    options = dict(transport_options or {})
+    connection = BrokerConnection(url, transport_options=options,
                                   connect_timeout=connect_timeout)
     if connection.transport_cls in ("redis", "rediss"):
         from .redis import Transport
 
         connection.transport_cls = Transport  # kombu's, with batched round trips
+    elif not url.startswith("embedded:"):
+        for key in OWN_OPTIONS:
+            options.pop(key, None)
     return connection

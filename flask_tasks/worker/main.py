@@ -106,7 +106,7 @@ class Worker(ConsumerMixin):
         self.prefetch_count = self.concurrency * multiplier
         self.max_tasks_per_child = max_tasks_per_child or config.worker_max_tasks_per_child
         self.connection: Connection = broker_connection(
-            state.broker_url, config.broker_transport_options, config.broker_connection_timeout)
+            state.broker_url, config.transport_options, config.broker_connection_timeout)
         self.pool: Pool = pool_cls(
             self._run_job, self.concurrency, max_tasks_per_child=self.max_tasks_per_child,
             on_child_start=self._child_init, flush=state.backend.flush,
