@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection, Consumer, Message, Producer, Queue
+from kombu.transport import redis as kombu_redis
 
 from flask_tasks.transport.base import Detached
 from flask_tasks.transport.connect import broker_connection
@@ -79,25 +80,28 @@ def test_reservation_records_every_message_it_pops(connections, client: redis.Re
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
 
 
-def test_brpop_only_once_the_queue_was_found_empty(connections, client: redis.Redis,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_leaves_a_list_but_through_the_recording_script(
+        connections, client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     conn = connections()
     publish(conn, 20)
     channel = conn.default_channel
-    blocking = []
+    waits, brpops = [], []
     original = type(channel)._brpop_start
 
     def counted(self: Any, timeout: float | None = None) -> None:
-        blocking.append(client.llen("q"))  # queue length when BRPOP was sent
+        waits.append(client.llen("q"))  # queue length when the channel starts waiting
         original(self, timeout)
 
     monkeypatch.setattr(type(channel), "_brpop_start", counted)
+    monkeypatch.setattr(kombu_redis.Channel, "_brpop_start",
+                        lambda self, timeout=None: brpops.append(timeout))
     got = consume(conn, prefetch=4, want=20, ack=True)
     assert len(got) == 20
-    # The first fetch blocks (nothing known yet); the others reserve with the
-    # pop-and-record script while the queue still has messages.
-    assert blocking and blocking[0] == 20
-    assert all(length == 0 for length in blocking[1:]), blocking
+    # It waits only once the queues were found empty, and never with BRPOP
+    # (which pops a message before this process has it): it is woken by a
+    # notification and reserves with the pop-and-record script.
+    assert all(length == 0 for length in waits), waits
+    assert brpops == []
 
 
 def test_detached_messages_are_not_restored_and_are_settled_by_tag(

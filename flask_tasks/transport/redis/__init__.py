@@ -51,35 +51,76 @@ message that came before its ``eta`` goes back to the sorted set) and
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from kombu.transport import redis as kombu_redis
 
 from .channel import ETA_SUFFIX, MAX_BATCH, Channel, QoS
 
-__all__ = ["ETA_SUFFIX", "MAX_BATCH", "Channel", "Poller", "QoS", "Transport"]
+logger = logging.getLogger("flask_tasks.transport.redis")
+
+#: Seconds between restores of unacknowledged messages past ``visibility_timeout``.
+RESTORE_INTERVAL = 1.0
+
+__all__ = ["ETA_SUFFIX", "MAX_BATCH", "RESTORE_INTERVAL", "Channel", "Poller", "QoS",
+           "Transport"]
 
 
 class Poller(kombu_redis.MultiChannelPoller):
-    """kombu's poller, reserving without ``BRPOP`` while queues have messages.
+    """kombu's poller, taking messages only with the atomic pop-and-record script.
 
-    ``BRPOP`` removes a message before the client has it: if Redis stops right
-    then (the reply is lost with the connection), the message is gone. So a
-    channel whose last reservation filled up reserves again with the atomic
-    pop-and-record script, and blocks on ``BRPOP`` only once its queues were
-    found empty (when a message can only arrive while it waits).
+    ``BRPOP`` removes a message when Redis sends it: if Redis stops right then,
+    or the worker is paused and killed before it reads the reply, the message
+    is gone. So a channel whose last reservation filled up reserves again with
+    the script; once its queues were found empty it waits on a notification
+    (:mod:`.wake`) and reserves when woken. ``BRPOP`` is used only on a server
+    that refuses notifications.
+
+    Every :data:`RESTORE_INTERVAL` seconds, busy or idle, it also restores
+    the unacknowledged messages older than ``visibility_timeout`` (a dead
+    worker's), which kombu does only when a poll finds nothing.
     """
 
     if TYPE_CHECKING:  # kombu's, untyped
         def __init__(self) -> None: ...
 
+    _last_restore = 0.0
+
     def get(self, callback: Any, timeout: float | None = None) -> None:
+        self._restore_if_due()
         for channel in list(self._channels):
-            if (channel.active_queues and not channel._queue_drained
-                    and not channel._in_poll and channel.qos.can_consume()):
-                if channel.reserve_now():
+            if not (channel.active_queues and channel.qos.can_consume()):
+                continue
+            wake = channel.wake
+            if channel._in_poll:  # waiting: on a notification, or a BRPOP was sent
+                if wake.armed and wake.due_check() and channel.reserve_now():
+                    wake.disarm()
+                    channel._in_poll = None
                     return
+                continue
+            if not channel._queue_drained and channel.reserve_now():
+                return
+            if not wake.armed and wake.arm() and channel.reserve_now():
+                wake.disarm()  # came before the arming: busy again
+                return
         kombu_redis.MultiChannelPoller.get(self, callback, timeout)
+
+    def _restore_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_restore < RESTORE_INTERVAL:
+            return
+        self._last_restore = now
+        for channel in self._channels:
+            if channel.active_queues:  # the records are shared: one channel does it
+                try:
+                    channel.qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
+                except channel.connection_errors as exc:
+                    logger.debug("Restoring unacknowledged messages failed: %s", exc)
+                except Exception:
+                    logger.exception("Restoring unacknowledged messages failed")
+                return
 
 
 class _ShownAsRedis(type):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -19,7 +20,11 @@ from kombu.utils.json import dumps, loads
 from ..._redis import round_trip
 from ...protocol import envelope_eta
 from ..base import ACK_MAX_AGE, Detached, WorkerChannel
+from ..dead_letters import MAX_ENTRIES, encode_record
+from ..envelope import MAX_MESSAGE_SIZE, BadEnvelope, check_envelope
 from . import scripts
+from .dead_letters import RedisDeadLetters
+from .wake import Wake
 
 if TYPE_CHECKING:
     import redis
@@ -29,6 +34,8 @@ ETA_SUFFIX = "eta"
 
 #: Most messages reserved in one round trip.
 MAX_BATCH = 100
+
+logger = logging.getLogger("flask_tasks.transport.redis")
 
 
 class QoS(kombu_redis.QoS):
@@ -126,6 +133,16 @@ class Channel(kombu_redis.Channel, WorkerChannel):
 
     QoS = QoS
     settles_by_tag: ClassVar[bool] = True
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "dead_letter_max_entries", "dead_letter_max_age", "max_message_size")
+    #: Most dead letters kept per queue (None: no limit).
+    dead_letter_max_entries: int | None = MAX_ENTRIES
+    #: Seconds a dead letter is kept (the worker's housekeeping trims; None: no limit).
+    dead_letter_max_age: float | None = None
+    #: Largest entry taken, bytes; a larger one is set aside.
+    max_message_size: int = MAX_MESSAGE_SIZE
+    _wake: Wake | None = None
     _shared_client: Any = None
     _shared_pid: int = 0
     #: The last reservation got fewer messages than it asked for.
@@ -140,6 +157,20 @@ class Channel(kombu_redis.Channel, WorkerChannel):
         def _q_for_pri(self, queue: str, pri: int) -> str: ...
         def _get_message_priority(self, message: dict[str, Any], reverse: bool = False) -> int: ...
         def _flush_brpop_reauth(self) -> None: ...
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = kombu_redis.Channel._connparams(self, asynchronous)
+        # RESP2: an idle worker waits on the ``__redis__:invalidate`` pub/sub
+        # channel (see .wake), which only a RESP2 connection reads as messages.
+        params["protocol"] = 2
+        return params
+
+    @property
+    def wake(self) -> Wake:
+        """How this channel waits for messages while its queues are empty (:mod:`.wake`)."""
+        if self._wake is None:
+            self._wake = Wake(self)
+        return self._wake
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -164,9 +195,57 @@ class Channel(kombu_redis.Channel, WorkerChannel):
             else:
                 round_trip(client, ("LPUSH", key, dumps(message)))
 
+    def close(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            if wake.armed:
+                self._in_poll = None  # type: ignore[assignment]  # no BRPOP reply to read
+            wake.close()
+        kombu_redis.Channel.close(self)
+
     # -- WorkerChannel -------------------------------------------------------------
     def can_consume(self) -> bool:
         return self.qos.can_consume()
+
+    @property
+    def dead_letters(self) -> RedisDeadLetters:
+        return RedisDeadLetters(self.conn_or_acquire, self.sep, self.dead_letter_max_entries)
+
+    def dead_letter(self, message: Message, reason: str) -> bool:
+        """Move a delivered message to its queue's dead letters and forget it, atomically."""
+        if not isinstance(message, virtual.Message):
+            return False
+        tag = message.delivery_tag
+        queue = message.delivery_info.get("routing_key") or ""
+        self.flush_acks(0.0)
+        self._set_aside_recorded(queue, [(dumps(message.serializable()).encode(), tag, reason)])
+        virtual.QoS.ack(self.qos, tag)  # settled here: nothing left to ack or restore
+        return True
+
+    def _set_aside_recorded(self, queue: str,
+                            entries: list[tuple[bytes, str | bytes, str]]) -> None:
+        """Move recorded (unacked) entries to the dead letters: ``(raw, delivery tag, reason)``."""
+        qos, key = self.qos, self.dead_letters.key(queue)
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        ids = []
+        for raw, tag, reason in entries:
+            ids.append(uuid.uuid4().hex)
+            commands.append(("LPUSH", key, encode_record(queue, raw, reason, self.node_name,
+                                                         record_id=ids[-1])))
+            commands += [("HDEL", qos.unacked_key, tag), ("ZREM", qos.unacked_index_key, tag)]
+        if self.dead_letter_max_entries is not None:
+            commands.append(("LTRIM", key, 0, self.dead_letter_max_entries - 1))
+        commands.append(("EXEC",))
+        with self.conn_or_acquire() as client:
+            round_trip(client, *commands)
+        for letter_id, (_raw, _tag, reason) in zip(ids, entries, strict=True):
+            self._log_set_aside(queue, letter_id, reason)
+
+    def _log_set_aside(self, queue: str, letter_id: str, reason: str) -> None:
+        self.dead_lettered += 1
+        logger.error("Set aside an entry of queue %r as dead letter %s: %s (%d so far; "
+                     "`flask tasks dead-letters show %s`)", queue, letter_id, reason,
+                     self.dead_lettered, letter_id)
 
     def schedule(self, message: Message, queue: str) -> bool:
         """Put a message that arrived before its ``eta`` back into Redis, delayed.
@@ -240,12 +319,24 @@ class Channel(kombu_redis.Channel, WorkerChannel):
 
     # -- reservation -----------------------------------------------------------------
     def _brpop_start(self, timeout: float | None = None) -> None:
-        # Before a BRPOP that will probably block, send the buffered acks;
+        # Before a wait that will probably block, send the buffered acks;
         # while messages keep coming they ride along with the next reservation.
         self.flush_acks(0.0 if self._queue_drained else ACK_MAX_AGE)
+        if self.wake.waiting():  # armed by Poller.get: nothing is popped while waiting
+            self._in_poll = self.client.connection
+            self._brpop_sent_at = None  # no reply to wait for
+            return
         kombu_redis.Channel._brpop_start(self, timeout)
 
     def _brpop_read(self, **options: Any) -> bool:
+        if self.wake.waiting():
+            self._in_poll = None  # type: ignore[assignment]
+            if not self.wake.woken():
+                raise Empty()
+            self.wake.disarm()
+            if not self.reserve_now():
+                raise Empty()
+            return True
         try:
             try:
                 dest_item = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -268,8 +359,7 @@ class Channel(kombu_redis.Channel, WorkerChannel):
             # Popped, not recorded: only this process has it now (see detach()).
             self._unrecorded = [*(self._unrecorded or []), (dest_key, item)]
             raise
-        for payload in payloads:
-            self.connection._deliver(payload, queue)
+        self._hand_over(payloads, queue)
         return True
 
     def reserve_now(self) -> int:
@@ -279,41 +369,82 @@ class Channel(kombu_redis.Channel, WorkerChannel):
         """
         budget = self.qos.can_consume_max_estimate()
         left = MAX_BATCH if budget is None else min(MAX_BATCH, budget)
-        delivered = 0
+        delivered, drained = 0, True
         for queue in self._queue_cycle.consume(len(self.active_queues)):
             if left <= 0:
+                drained = False
                 break
             payloads = self._reserve(queue, None, left)
-            for payload in payloads:
+            drained = drained and self._queue_drained
+            count = self._hand_over(payloads, queue)
+            left -= count
+            delivered += count
+        self._queue_drained = drained
+        return delivered
+
+    def _hand_over(self, payloads: list[dict[str, Any]], queue: str) -> int:
+        """Deliver checked envelopes to kombu; returns how many were delivered.
+
+        One that kombu still cannot take is set aside, not raised.
+        """
+        delivered = 0
+        for payload in payloads:
+            try:
                 self.connection._deliver(payload, queue)
-            left -= len(payloads)
-            delivered += len(payloads)
-        self._queue_drained = left > 0
+            except self.connection_errors:
+                raise
+            except Exception as exc:
+                tag = payload["properties"]["delivery_tag"]
+                self.qos._recorded.discard(tag)
+                virtual.QoS.ack(self.qos, tag)
+                self._set_aside_recorded(queue, [(dumps(payload).encode(), tag,
+                                                  f"it could not be delivered: {exc!r:.300}")])
+            else:
+                delivered += 1
         return delivered
 
     def _reserve(self, queue: str, first: bytes | None, more: int) -> list[dict[str, Any]]:
         """Record ``first`` (if any) as unacked and pop/record up to ``more`` others.
 
-        One round trip. :returns: the decoded messages, ``first`` first.
+        One round trip. Entries that are not well-formed envelopes never
+        reach kombu: the script sets aside those it cannot record, and those
+        it recorded but :func:`~..envelope.check_envelope` refuses are set
+        aside here (they stay recorded until then, so a crash loses none).
+
+        :returns: the decoded messages, ``first`` first.
         """
         qos = self.qos
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
-        keys += [qos.unacked_key, qos.unacked_index_key]
+        keys += [qos.unacked_key, qos.unacked_index_key, self.dead_letters.key(queue)]
         acks = qos.take_acks()
+        max_dead = -1 if self.dead_letter_max_entries is None else self.dead_letter_max_entries
         with self.conn_or_acquire() as client:
             try:
-                reply = scripts.reserve(client, keys, [more, time.time(), first or "", *acks])
+                recorded, dead = scripts.reserve(
+                    client, keys, [more, time.time(), first or "", queue, self.node_name,
+                                   max_dead, self.max_message_size, *acks])
             except BaseException:
                 qos.restore_acks(acks)
                 raise
-        self._queue_drained = len(reply) // 2 < more
-        payloads = []
-        for raw in [first, *reply[1::2]] if first else reply[1::2]:
-            payload = loads(bytes_to_str(raw))
-            tag = payload.get("properties", {}).get("delivery_tag")
-            if tag is not None:
-                qos._recorded.add(tag)
+        popped = len(recorded) // 3 + len(dead) // 2 - (1 if first else 0)
+        self._queue_drained = popped < more
+        for index in range(0, len(dead), 2):
+            self._log_set_aside(queue, bytes_to_str(dead[index]), bytes_to_str(dead[index + 1]))
+        payloads, refused = [], []
+        for raw, tag in zip(recorded[1::3], recorded[2::3], strict=True):
+            try:
+                payload = check_envelope(raw, self.max_message_size)
+            except BadEnvelope as exc:
+                refused.append((raw, tag, str(exc)))
+                continue
+            qos._recorded.add(payload["properties"]["delivery_tag"])
             payloads.append(payload)
+        if refused:
+            try:
+                self._set_aside_recorded(queue, refused)
+            except self.connection_errors as exc:  # still recorded: restored, then set aside
+                logger.warning("Could not set aside %d malformed entries yet: %s",
+                               len(refused), exc)
         return payloads
 
 
