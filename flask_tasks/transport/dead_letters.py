@@ -131,7 +131,7 @@ class DeadLetters(ABC):
 
     @abstractmethod
     def requeue(self, letter_id: str) -> DeadLetter | None:
-        """Put the entry back at the front of its queue and drop the letter, atomically.
+        """Publish the entry again on its queue (at the back) and drop the letter, atomically.
 
         :returns: the letter requeued, or None if there is no such letter.
         """

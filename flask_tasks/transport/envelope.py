@@ -60,11 +60,14 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def check_envelope(raw: bytes | str, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
+def check_envelope(raw: bytes | str, max_size: int = MAX_MESSAGE_SIZE,
+                   require_tag: bool = True) -> dict[str, Any]:
     """Parse and check one raw broker entry.
 
     :param raw: the entry as the broker holds it.
     :param max_size: largest accepted entry, bytes.
+    :param require_tag: the entry must carry its delivery tag (Redis); the
+        embedded broker makes its own.
     :returns: the envelope, safe to hand to kombu (``properties`` and
         ``delivery_info`` are dicts, the delivery tag a string, ``body`` a
         string decodable as its ``body_encoding`` says, ``headers`` a dict).
@@ -89,7 +92,7 @@ def check_envelope(raw: bytes | str, max_size: int = MAX_MESSAGE_SIZE) -> dict[s
     except ValueError as exc:
         raise BadEnvelope(f"entry is not JSON ({exc})") from None
     if not isinstance(envelope, dict):
-        raise BadEnvelope(f"entry is JSON {type(envelope).__name__}, not an object")
+        raise BadEnvelope(f"entry is JSON {_json_type(envelope)}, not an object")
     if depth(envelope) > MAX_DEPTH:
         raise BadEnvelope(f"entry nests more than {MAX_DEPTH} levels deep")
     properties = envelope.get("properties")
@@ -99,7 +102,7 @@ def check_envelope(raw: bytes | str, max_size: int = MAX_MESSAGE_SIZE) -> dict[s
         if properties.get(key) is not None and not isinstance(properties[key], str):
             raise BadEnvelope(_wrong_type(f"properties.{key}", properties[key], "a string"))
     tag = properties.get("delivery_tag")
-    if not tag or len(tag) > MAX_TAG_LENGTH:
+    if require_tag and (not tag or len(tag) > MAX_TAG_LENGTH):
         raise BadEnvelope("properties.delivery_tag is missing or empty" if not tag
                           else f"properties.delivery_tag is longer than {MAX_TAG_LENGTH}")
     info = properties.get("delivery_info")
@@ -144,4 +147,4 @@ def _wrong_type(name: str, value: Any, expected: str) -> str:
 
 def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number"}.get(type(value), type(value).__name__)
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)

@@ -39,6 +39,8 @@ class Broker:
         holds stays held until the broker gives it to someone else.
     :param settles_by_tag: its channels settle a lost connection's messages by tag.
     :param holds_leases: its channels hold leases that must be renewed.
+    :param push_raw: puts a raw entry into :data:`QUEUE` behind kombu's back (as
+        a buggy producer or someone with broker access would).
     """
 
     url: str
@@ -47,6 +49,7 @@ class Broker:
     lose: Callable[[Taker], None]
     settles_by_tag: bool
     holds_leases: bool
+    push_raw: Callable[[bytes], None]
     connections: list[Connection] = field(default_factory=list)
 
     def connect(self) -> Connection:
@@ -286,6 +289,86 @@ def renewed_leases_keep_a_message_held(broker: Broker) -> None:
     message.ack()
 
 
+# -- the defensive boundary and dead letters ------------------------------------------
+#: Entries no kombu consumer can use: (entry, a word of the reason).
+MALFORMED = [
+    (bytes(range(1, 256)), ""),  # not UTF-8, not JSON: either is the reason
+    (b"not json at all", "JSON"),
+    (b'{"body": "eyJuIjogMX0=", "properties": {"body_encoding": "ba', "JSON"),
+    (b"123", "object"),
+    (b"null", "object"),
+    (b"[]", "object"),
+    (b"[" * 3000 + b"]" * 3000, ""),  # too deep for the parser
+    (b'{"body": "x", "properties": "none"}', "properties"),
+    (b'{"body": 5, "properties": {"delivery_tag": "t1", "delivery_info": {}}}', "body"),
+    (b'{"body": "%%%", "properties": {"delivery_tag": "t2", "body_encoding": "base64"}}',
+     "base64"),
+    (b'{"body": "x", "properties": {"delivery_tag": "t3", "body_encoding": "rot13"}}',
+     "body_encoding"),
+    (b'{"body": "x", "headers": 7, "properties": {"delivery_tag": "t4"}}', "headers"),
+    (b'{"body": "x", "properties": {"delivery_tag": "t5", "delivery_info": []}}',
+     "delivery_info"),
+]
+
+
+def dead_letters_of(broker: Broker) -> Any:
+    store = worker_channel(broker.connect().default_channel).dead_letters
+    assert store is not None
+    return store
+
+
+def malformed_entries_are_set_aside_never_delivered(broker: Broker) -> None:
+    publish(broker, "before")
+    for raw, _ in MALFORMED:
+        broker.push_raw(raw)
+    publish(broker, "after")
+    taker = Taker(broker, prefetch=100)
+    assert bodies(taker.take(2)) == ["before", "after"]
+    assert taker.worker.dead_lettered == len(MALFORMED)
+    letters = dead_letters_of(broker).list(QUEUE, limit=100)
+    assert sorted(letter.entry for letter in letters) == sorted(raw for raw, _ in MALFORMED)
+    reasons = {letter.entry: letter.reason for letter in letters}
+    for raw, word in MALFORMED:
+        assert reasons[raw] and word in reasons[raw], (raw[:40], reasons[raw])
+    for message in taker.got:
+        message.ack()
+    taker.worker.flush_acks(0.0)
+    time.sleep(VISIBILITY + 1.2)  # set aside means settled: nothing comes back
+    assert Taker(broker).nothing_for(0.5)
+
+
+def dead_letter_sets_a_delivered_message_aside(broker: Broker) -> None:
+    publish(broker, {"task": "unknown"})
+    taker = Taker(broker)
+    [message] = taker.take(1)
+    assert taker.worker.dead_letter(message, "no such task here")
+    [letter] = dead_letters_of(broker).list(QUEUE)
+    assert letter.reason == "no such task here" and letter.queue == QUEUE
+    time.sleep(VISIBILITY + 1.2)
+    assert Taker(broker).nothing_for(0.5)
+    assert dead_letters_of(broker).requeue(letter.id) is not None
+    assert bodies(Taker(broker).take(1)) == [{"task": "unknown"}]  # published again
+    assert dead_letters_of(broker).count() == 0
+
+
+def the_dead_letter_store(broker: Broker) -> None:
+    store = dead_letters_of(broker)
+    assert store.count() == 0 and store.list() == []
+    for n in range(4):
+        store.add(QUEUE, f"entry {n}".encode(), f"reason {n}", hostname="node")
+    store.add("elsewhere", b"x", "other queue")
+    assert store.count(QUEUE) == 4 and store.count() == 5
+    newest = store.list(QUEUE, limit=2)
+    assert [letter.entry for letter in newest] == [b"entry 3", b"entry 2"]
+    assert newest[0].reason == "reason 3" and newest[0].hostname == "node"
+    assert store.get(newest[0].id) == newest[0] and store.get("0") is None
+    assert store.trim(max_entries=3, max_age=None) == 1
+    assert store.count(QUEUE) == 3
+    assert store.trim(max_entries=None, max_age=3600) == 0
+    assert store.purge(QUEUE) == 3 and store.count() == 1
+    assert store.purge() == 1 and store.count() == 0
+
+
 CASES = [
     consumes_in_order,
     acked_is_gone,
@@ -301,4 +384,7 @@ CASES = [
     detach_then_settle_by_tag,
     settle_detached_of_nothing_is_harmless,
     renewed_leases_keep_a_message_held,
+    malformed_entries_are_set_aside_never_delivered,
+    dead_letter_sets_a_delivered_message_aside,
+    the_dead_letter_store,
 ]

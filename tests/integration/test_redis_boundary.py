@@ -170,7 +170,7 @@ def test_the_store(connect: Any, client: redis.Redis) -> None:
     letter = store.list("q", limit=1)[0]
     assert store.requeue(letter.id) == letter
     assert store.requeue(letter.id) is None  # gone
-    assert client.lrange("q", 0, -1) == [valid]  # next in line
+    assert client.lrange("q", 0, -1) == [valid]  # published again
 
     assert store.trim(max_entries=2, max_age=None) == 2  # 4 -> 2 ("other" has 1)
     assert store.count("q") == 2

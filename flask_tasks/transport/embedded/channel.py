@@ -18,17 +18,23 @@ from queue import Empty
 
 from kombu import message as kombu_message
 from kombu.transport import virtual
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 
 from ...protocol import envelope_eta
 from .. import polling
 from ..base import WorkerChannel
+from ..dead_letters import MAX_ENTRIES
+from ..envelope import MAX_MESSAGE_SIZE, BadEnvelope, check_envelope
+from . import dead_letters
 from .sqlite import CLAIM, PICK, READY, TAKE, Params, connect, row_id
 
 if t.TYPE_CHECKING:
     from . import Transport
 
 logger = logging.getLogger("flask_tasks.transport.embedded")
+
+#: Most malformed rows set aside in one claim before it gives up for this poll.
+MAX_SET_ASIDE = 100
 
 # Connections opened before a fork. SQLite must not touch them in the
 # child, not even to close them, so they are kept alive here.
@@ -95,7 +101,15 @@ class Channel(polling.Channel, WorkerChannel):
 
     QoS = QoS
     from_transport_options = (*virtual.Channel.from_transport_options,  # type: ignore[assignment]
-                              "visibility_timeout", "busy_timeout", "housekeeping_interval")
+                              "visibility_timeout", "busy_timeout", "housekeeping_interval",
+                              "dead_letter_max_entries", "dead_letter_max_age",
+                              "max_message_size")
+    #: Most dead letters kept per queue (None: no limit).
+    dead_letter_max_entries: int | None = MAX_ENTRIES
+    #: Seconds a dead letter is kept (the worker's housekeeping trims; None: no limit).
+    dead_letter_max_age: float | None = None
+    #: Largest entry taken, bytes; a larger one is set aside.
+    max_message_size: int = MAX_MESSAGE_SIZE
     #: Seconds a delivered message stays leased without renewal.
     visibility_timeout: float = 30.0
     #: Seconds to wait for the database lock before failing.
@@ -179,22 +193,45 @@ class Channel(polling.Channel, WorkerChannel):
         return self._claim(queue, no_ack=queue in self._noack_queues)
 
     def _claim(self, queue: str, no_ack: bool) -> dict[str, t.Any]:
-        if not self._query(PICK, (queue, time.time())):
-            raise Empty()  # an idle poll is one indexed read, no write lock
-        now, owner = time.time(), self._db()[2]
-        if no_ack:  # no ack will come: take the row out now
-            rows = self._write([(TAKE, (queue, now))])
-        else:
-            lease = (now + self.visibility_timeout, owner, queue, now)
-            rows = self._write([(CLAIM, lease)])
-        if not rows:
-            raise Empty()  # another consumer was faster
-        row, payload, deliveries = rows[0]
-        message: dict[str, t.Any] = loads(payload)
-        props = message["properties"]
-        props["delivery_tag"] = f"{row}.{deliveries}"
-        props.setdefault("delivery_info", {})["redelivered"] = deliveries > 1
-        return message
+        for _ in range(MAX_SET_ASIDE):  # malformed rows are set aside; the next is tried
+            if not self._query(PICK, (queue, time.time())):
+                raise Empty()  # an idle poll is one indexed read, no write lock
+            now, owner = time.time(), self._db()[2]
+            if no_ack:  # no ack will come: take the row out now
+                rows = self._write([(TAKE, (queue, now))])
+            else:
+                lease = (now + self.visibility_timeout, owner, queue, now)
+                rows = self._write([(CLAIM, lease)])
+            if not rows:
+                raise Empty()  # another consumer was faster
+            row, payload, deliveries = rows[0]
+            try:
+                message = check_envelope(payload, self.max_message_size, require_tag=False)
+            except BadEnvelope as exc:
+                self._set_aside_row(queue, row, payload, str(exc), taken=no_ack)
+                continue
+            props = message["properties"]
+            props["delivery_tag"] = f"{row}.{deliveries}"
+            props["delivery_info"]["redelivered"] = deliveries > 1
+            return message
+        raise Empty()
+
+    def _set_aside_row(self, queue: str, row: int, payload: t.Any, reason: str,
+                       taken: bool = False) -> None:
+        """Move a claimed row to the dead letters, atomically (a crash leaves it leased)."""
+        entry = payload if isinstance(payload, bytes) else str(payload).encode(
+            "utf-8", "surrogateescape")
+        statements: list[tuple[str, Params]] = []
+        if not taken:
+            statements.append(("DELETE FROM messages WHERE id = ? AND lease_owner = ?",
+                               (row, self._db()[2])))
+        statements += dead_letters.insert(queue, entry, reason, self.node_name,
+                                          self.dead_letter_max_entries)
+        letter_id = self._write(statements)[0][0]
+        self.dead_lettered += 1
+        logger.error("Set aside an entry of queue %r as dead letter %s: %s (%d so far; "
+                     "`flask tasks dead-letters show %s`)", queue, letter_id, reason,
+                     self.dead_lettered, letter_id)
 
     def _delete_row(self, delivery_tag: t.Any) -> None:
         self._execute("DELETE FROM messages WHERE id = ?", (row_id(delivery_tag),))
@@ -215,6 +252,20 @@ class Channel(polling.Channel, WorkerChannel):
     @property
     def lease_timeout(self) -> float:
         return self.visibility_timeout
+
+    @property
+    def dead_letters(self) -> dead_letters.EmbeddedDeadLetters:
+        return dead_letters.EmbeddedDeadLetters(self, self.dead_letter_max_entries)
+
+    def dead_letter(self, message: kombu_message.Message, reason: str) -> bool:
+        """Move a delivered message's row to the dead letters and forget it, atomically."""
+        if not isinstance(message, virtual.Message):
+            return False
+        tag = message.delivery_tag
+        queue = message.delivery_info.get("routing_key") or ""
+        self._set_aside_row(queue, row_id(tag), dumps(message.serializable()).encode(), reason)
+        self.qos._quick_ack(tag)
+        return True
 
     def can_consume(self) -> bool:
         return self.qos.can_consume()

@@ -16,6 +16,11 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_claim ON messages (queue, priority DESC, id);
 CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, reason TEXT NOT NULL,
+    time REAL NOT NULL, hostname TEXT NOT NULL DEFAULT '', entry BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters (queue, id);
 COMMIT;
 """
 #: A message of queue ``?`` that may be claimed at time ``?``.

@@ -136,10 +136,10 @@ return removed
 trim_dead = Script(TRIM_DEAD)
 
 #: KEYS: a dead-letter list, the queue list. ARGV: the record, the entry.
-#: Removes the record and, if it was there, puts the entry next in line.
+#: Removes the record and, if it was there, publishes the entry again.
 REQUEUE_DEAD = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[2])
+  redis.call('LPUSH', KEYS[2], ARGV[2])
   return 1
 end
 return 0
