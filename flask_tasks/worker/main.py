@@ -66,6 +66,8 @@ EX_COLD = 2
 CLEANUP_INTERVAL = 3600.0
 #: Seconds between moves of due delayed messages into their queues.
 MOVE_INTERVAL = 0.2
+#: Seconds between trims of the dead letters to their size and age limits.
+TRIM_INTERVAL = 60.0
 
 
 class Worker(ConsumerMixin):
@@ -126,6 +128,8 @@ class Worker(ConsumerMixin):
         self._cold = False
         self._last_cleanup = time.monotonic()
         self._last_move = 0.0
+        self._last_trim = 0.0
+        self._dead_lettered_before = 0  # by channels of earlier connections
         self._ready_sent = False  # worker_ready is sent once, not on every reconnect
         self.exit_code = EX_OK
 
@@ -174,7 +178,9 @@ class Worker(ConsumerMixin):
     @contextmanager
     def extra_context(self, connection: Any, channel: Any) -> Iterator[None]:
         """Around consuming on one connection: settle over its channel; when it is lost, detach."""
+        self._dead_lettered_before += self._channel.dead_lettered  # the lost connection's
         self._channel = self.settler.attach(channel)
+        self._channel.node_name = self.hostname  # written into the dead letters it sets aside
         try:
             yield
         except connection.connection_errors + connection.channel_errors:
@@ -220,6 +226,14 @@ class Worker(ConsumerMixin):
         if now - self._last_cleanup > CLEANUP_INTERVAL:
             self._last_cleanup = now
             self._cleanup()
+        if now - self._last_trim > TRIM_INTERVAL:
+            self._last_trim = now
+            self._trim_dead_letters()
+
+    @property
+    def dead_lettered(self) -> int:
+        """Broker entries this worker set aside as dead letters since it started."""
+        return self._dead_lettered_before + self._channel.dead_lettered
 
     # -- housekeeping ------------------------------------------------------------------
     def _move_due(self) -> None:
@@ -231,6 +245,20 @@ class Worker(ConsumerMixin):
             return
         if moved:
             logger.debug("Moved %d due delayed message(s) to their queues", moved)
+
+    def _trim_dead_letters(self) -> None:
+        """Drop dead letters past ``TASKS_DEAD_LETTER_MAX_ENTRIES`` / ``_MAX_AGE``."""
+        store, config = self._channel.dead_letters, self.state.config
+        if store is None:
+            return
+        try:
+            removed = store.trim(config.dead_letter_max_entries, config.dead_letter_max_age)
+        except Exception as exc:  # the broker is away: next time
+            logger.warning("Trimming the dead letters failed: %s", exc)
+            return
+        if removed:
+            logger.info("Dropped %d dead letter(s) past TASKS_DEAD_LETTER_MAX_ENTRIES or "
+                        "TASKS_DEAD_LETTER_MAX_AGE", removed)
 
     def _cleanup(self) -> None:
         try:
@@ -300,6 +328,10 @@ class Worker(ConsumerMixin):
             self.exit_code = exc.code if isinstance(exc.code, int) else EX_COLD
         finally:
             self.pool.stop(cold=self._cold)
+            if self.dead_lettered:
+                logger.warning("%d broker entr%s set aside as dead letters while this worker "
+                               "ran: see `flask tasks dead-letters list`.", self.dead_lettered,
+                               "y was" if self.dead_lettered == 1 else "ies were")
             send_robust(worker_shutdown, self)
             try:
                 self.connection.release()

@@ -8,16 +8,18 @@ Redis interoperate and kombu's recovery works unchanged. The changes:
 1. **One client per channel.** kombu builds a ``redis.Redis`` object for
    every command (about 120 µs each with redis-py 8); we build one per
    channel and process and reuse it.
-2. **Batched reservation.** One Lua script pops and records as
-   unacknowledged up to the free prefetch budget of messages, atomically: a
-   burst of N messages costs one round trip instead of 2·N, and a message
-   is never popped without being recorded. While the queues have messages
-   the consumer only runs that script (:class:`Poller`); it blocks on
-   ``BRPOP`` once they were found empty, and the script then records the
-   ``BRPOP``-ed message with the others. ``BRPOP`` pops before the client
-   has the message, so the one loss left is a message that arrives at an
-   idle worker in the very instant Redis shuts down (kombu and Celery have
-   that window on every fetch).
+2. **Batched reservation, and nothing popped before it is recorded.** One
+   Lua script pops and records as unacknowledged up to the free prefetch
+   budget of messages, atomically: a burst of N messages costs one round
+   trip instead of 2·N. While the queues have messages the consumer only
+   runs that script (:class:`Poller`); once they were found empty it waits
+   on a notification (:mod:`.wake`, Redis's client-tracking broadcast of
+   writes to the queue lists), never with ``BRPOP``, which pops a message
+   when Redis *sends* it, so a worker paused and killed while idle, or a
+   Redis stopping at that instant, would lose it.
+   The script also sets aside what it cannot record, and what it recorded is
+   checked in full (:mod:`..envelope`): malformed entries go to the dead
+   letters beside the queue (:mod:`..dead_letters`) and never reach kombu.
 3. **Delayed messages wait on the broker.** A message whose ``eta`` header is
    in the future goes into a sorted set next to its queue list (key
    ``<list key>\x06\x16eta``, score = the eta), not into the list; workers
@@ -35,18 +37,23 @@ Redis interoperate and kombu's recovery works unchanged. The changes:
    messages are keyed by delivery tag in Redis, so once connected again
    :meth:`Channel.settle_detached` acknowledges or requeues them by tag
    from the new connection.
-5. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
+5. **Redelivery that does not wait for idleness.** Unacknowledged messages
+   older than ``visibility_timeout`` (a dead worker's) are restored every
+   :data:`RESTORE_INTERVAL` seconds, busy or idle; kombu restores them only
+   when a poll finds nothing, so under steady load they never came back.
+6. **Batched acknowledgements.** ``ack()`` is buffered; buffered acks ride
    along with the next reservation (same round trip), or are flushed in one
-   pipeline before a ``BRPOP`` that is likely to block, when they are older
+   pipeline before a wait that is likely to block, when they are older
    than :data:`~flask_tasks.transport.base.ACK_MAX_AGE` seconds, and before
    any reject, restore or close.
    A crash can thus leave up to ``ACK_MAX_AGE`` seconds of acks unsent: those
    messages come back after ``visibility_timeout`` (a duplicate, never a loss).
 
 :class:`Channel` is a :class:`~flask_tasks.transport.base.WorkerChannel`:
-4 and 5 are what it does for a worker, with :meth:`Channel.schedule` (a
-message that came before its ``eta`` goes back to the sorted set) and
-:meth:`Channel.move_due`. Never imports Flask.
+4 and 6 are what it does for a worker, with :meth:`Channel.schedule` (a
+message that came before its ``eta`` goes back to the sorted set),
+:meth:`Channel.move_due` and its dead letters (:mod:`.dead_letters`). The
+acknowledgement state is in :mod:`.qos`. Never imports Flask.
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.transport import redis as kombu_redis
 
-from .channel import ETA_SUFFIX, MAX_BATCH, Channel, QoS
+from .channel import ETA_SUFFIX, MAX_BATCH, Channel
+from .qos import QoS
 
 logger = logging.getLogger("flask_tasks.transport.redis")
 
