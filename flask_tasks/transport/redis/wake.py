@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import ResponseError
 
-from ..._redis import round_trip
-
 if TYPE_CHECKING:
     from .channel import Channel
 
@@ -66,7 +64,8 @@ class Wake:
         self.available: bool | None = None
         self.armed = False
         self.armed_at = 0.0
-        self._tracker: Any = None
+        self._tracker: Any = None  # a redis-py Connection of its own
+        self._unread = 0  # replies of commands sent to it and not read yet
         self._sock: Any = None
         self._client_id: int | None = None
         self._keys: set[bytes] = set()
@@ -114,15 +113,13 @@ class Wake:
         try:
             listener = self._listener()
             self.drain(listener)
-            if self._tracker is None:
-                self._tracker = redis.Redis(
-                    connection_pool=redis.ConnectionPool(**channel._connparams()))
             prefixes, self._keys = self._watched()
             command: list[Any] = ["CLIENT", "TRACKING", "ON", "REDIRECT", self._client_id,
                                   "BCAST", "NOLOOP"]
             for prefix in prefixes:
                 command += ["PREFIX", prefix]
-            round_trip(self._tracker, ("CLIENT", "TRACKING", "OFF"), tuple(command))
+            self._send(("CLIENT", "TRACKING", "OFF"), tuple(command))
+            self._read()
         except ResponseError as exc:
             self.available = False
             self._sock = None
@@ -137,12 +134,50 @@ class Wake:
         return True
 
     def disarm(self) -> None:
-        """Stop the notifications (the channel is busy, or closing)."""
+        """Stop the notifications (the channel is busy, or closing).
+
+        The command is sent without waiting for its reply (read before the
+        next arming): a woken channel reserves at once.
+        """
         if not self.armed:
             return
         self.armed = False
         if self._tracker is not None:
-            round_trip(self._tracker, ("CLIENT", "TRACKING", "OFF"))
+            self._send(("CLIENT", "TRACKING", "OFF"))
+
+    def _send(self, *commands: tuple[Any, ...]) -> None:
+        if self._tracker is None:
+            params = self.channel._connparams()
+            connection_class = params.pop("connection_class", redis.Connection)
+            params.pop("max_connections", None)
+            self._tracker = connection_class(**params)
+        try:
+            self._tracker.send_packed_command(self._tracker.pack_commands(commands))
+        except BaseException:
+            self._drop()
+            raise
+        self._unread += len(commands)
+
+    def _read(self) -> None:
+        """Read every pending reply; raises the first error among them."""
+        error: ResponseError | None = None
+        try:
+            while self._unread:
+                self._unread -= 1
+                try:
+                    self._tracker.read_response()
+                except ResponseError as exc:
+                    error = error or exc
+        except BaseException:
+            self._drop()
+            raise
+        if error is not None:
+            raise error
+
+    def _drop(self) -> None:
+        tracker, self._tracker, self._unread = self._tracker, None, 0
+        if tracker is not None:
+            tracker.disconnect()
 
     def due_check(self) -> bool:
         """Whether the armed channel should check its queues now (every CHECK_INTERVAL s)."""
@@ -174,9 +209,7 @@ class Wake:
     def close(self) -> None:
         """Drop the tracking connection."""
         self.armed = False
-        tracker, self._tracker = self._tracker, None
-        if tracker is not None:
-            try:
-                tracker.connection_pool.disconnect()
-            except Exception:  # closing anyway
-                pass
+        try:
+            self._drop()
+        except Exception:  # closing anyway
+            pass
