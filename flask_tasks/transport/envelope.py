@@ -20,8 +20,9 @@ Never imports Flask.
 from __future__ import annotations
 
 import binascii
-import json
 from typing import Any
+
+from kombu.utils.json import loads
 
 __all__ = ["MAX_DEPTH", "MAX_MESSAGE_SIZE", "BadEnvelope", "check_envelope", "depth"]
 
@@ -86,14 +87,15 @@ def check_envelope(raw: bytes | str, max_size: int = MAX_MESSAGE_SIZE,
     else:
         text = raw
     try:
-        envelope = json.loads(text)
+        envelope = loads(text)  # kombu's: its envelope may carry its typed values
     except RecursionError:
         raise BadEnvelope("entry nests too deeply to be parsed") from None
     except ValueError as exc:
         raise BadEnvelope(f"entry is not JSON ({exc})") from None
     if not isinstance(envelope, dict):
         raise BadEnvelope(f"entry is JSON {_json_type(envelope)}, not an object")
-    if depth(envelope) > MAX_DEPTH:
+    if (text.count("[") + text.count("{") > MAX_DEPTH  # cheap: deep needs many brackets
+            and depth(envelope) > MAX_DEPTH):
         raise BadEnvelope(f"entry nests more than {MAX_DEPTH} levels deep")
     properties = envelope.get("properties")
     if not isinstance(properties, dict):
