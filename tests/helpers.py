@@ -226,3 +226,75 @@ class ExampleScript:
                     proc.kill()
             except (ProcessLookupError, psutil.Error):
                 continue
+
+
+# -- The broker boundary: reconnects, paused workers, where a message is -------------------
+
+#: ``start_worker`` (the conftest fixture): ``start_worker(app, *args, env=..., ready=...)``.
+StartWorker = Callable[..., WorkerProcess]
+
+#: Log lines by which a worker shows that it lost, or could not reach, its broker.
+RECONNECT_MARKERS = ("Connection to broker lost", "Cannot connect to")
+
+
+def broker_reconnects(output: str) -> int:
+    """How many times a worker's output shows a lost broker connection.
+
+    The most of: kombu's "Connection to broker lost" and the worker's "Cannot
+    connect to" lines, and the "Connected to" lines after the first (kombu logs
+    one on every connection).
+    """
+    lines = output.splitlines()
+    lost = sum(any(marker in line for marker in RECONNECT_MARKERS) for line in lines)
+    connected = sum("Connected to " in line for line in lines)
+    return max(lost, connected - 1, 0)
+
+
+def settle(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
+    """:func:`wait_for` for a condition that may rightly never hold: False after ``timeout``."""
+    try:
+        wait_for(predicate, timeout, interval)
+    except AssertionError:
+        return False
+    return True
+
+
+def pause(worker: WorkerProcess) -> None:
+    """SIGSTOP the worker's process group (its pool processes too); SIGKILL still ends it."""
+    os.killpg(worker.proc.pid, signal.SIGSTOP)
+
+
+def redis_waiting_clients(url: str) -> int:
+    """How many clients of the Redis at ``url`` wait for data: blocked in a command
+    (BRPOP, BLMOVE...: flag ``b``) or with key tracking on (CLIENT TRACKING: flag ``t``)."""
+    import redis
+
+    clients = redis.Redis.from_url(url).client_list()
+    return sum("b" in client["flags"] or "t" in client["flags"] for client in clients)
+
+
+def redis_keys_holding(url: str, needle: str) -> list[str]:
+    """The keys of the Redis at ``url`` whose value contains ``needle`` (lists, hashes,
+    sorted sets, sets, strings), e.g. where a task id is right now."""
+    import redis
+
+    client: Any = redis.Redis.from_url(url)  # redis-py's unions of bytes and str
+    found = []
+    data = needle.encode()
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        if kind == "list":
+            values = client.lrange(key, 0, -1)
+        elif kind == "hash":
+            values = [*client.hkeys(key), *client.hvals(key)]
+        elif kind == "zset":
+            values = client.zrange(key, 0, -1)
+        elif kind == "set":
+            values = list(client.smembers(key))
+        elif kind == "string":
+            values = [client.get(key) or b""]
+        else:
+            values = []
+        if any(data in value for value in values):
+            found.append(key.decode("utf-8", "backslashreplace"))
+    return sorted(found)
