@@ -299,14 +299,30 @@ def time_limits(task: TaskDefaults, timelimit: Any,
                 config: Config) -> tuple[float | None, float | None]:
     """(hard, soft) seconds for a call: the message's, else the task's, else the worker's.
 
+    Never raises for the message's value: a header that is not ``[hard, soft]``
+    with numbers of seconds >= 0 counts as not set (the worker refuses such a
+    message before it gets here: :func:`~flask_tasks.protocol.read_headers`).
+
     :param timelimit: the message's ``timelimit`` header, ``[hard, soft]`` (may be None).
     :returns: ``None`` for a limit nobody set.
     """
     hard, soft = timelimit if isinstance(timelimit, (list, tuple)) and len(timelimit) == 2 \
         else (None, None)
+    hard, soft = _seconds(hard), _seconds(soft)
     hard = first(hard, task.time_limit, config.time_limit, default=None)
     soft = first(soft, task.soft_time_limit, config.soft_time_limit, default=None)
     return (float(hard) if hard is not None else None, float(soft) if soft is not None else None)
+
+
+def _seconds(value: Any) -> float | None:
+    """A message's time limit as seconds; None unless a number >= 0 (NaN is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def _as_list(value: Any) -> list[Any] | None:

@@ -70,6 +70,9 @@ HOSTNAME = socket.gethostname()
 
 #: What the consumer does with the message after the call (SKIP: never started).
 ACK, REJECT, REQUEUE, SKIP = "ack", "reject", "requeue", "skip"
+#: The message was refused for its content (not a task message this worker can
+#: run): rejected, or set aside as a dead letter with ``TASKS_DEAD_LETTER_REJECTED``.
+REFUSE = "refuse"
 
 
 @dataclass
@@ -121,8 +124,11 @@ def trace_task(app: Flask, state: TaskApp, task: Task[Any, Any], request: Contex
     task_id, args, kwargs = request.id, request.args, request.kwargs
     outcome = Outcome()
     if store and first(task.track_started, default=config.track_started):
-        backend.store_result(task_id, {"pid": os.getpid(), "hostname": request.hostname},
-                             states.STARTED, request=request, extended=extended)
+        try:
+            backend.store_result(task_id, {"pid": os.getpid(), "hostname": request.hostname},
+                                 states.STARTED, request=request, extended=extended)
+        except Exception:  # the task still runs; its final state is stored as usual
+            logger.exception("Could not store the start of task %s[%s]", task.name, task_id)
     tokens = current_request.set(request), current_state.set(state)
     start = time.perf_counter()
     try:
@@ -183,9 +189,11 @@ def backoff_delay(factor: bool | float, retries: int, maximum: float, jitter: bo
     """Seconds before retry number ``retries + 1`` with exponential backoff (Celery's rule).
 
     ``factor × 2 ** retries`` seconds (``factor`` True means 1), at most
-    ``maximum``; with ``jitter`` a random value between 0 and that.
+    ``maximum``; with ``jitter`` a random value between 0 and that. Cheap for
+    any ``retries`` a message may carry (the exponent is capped at 64).
     """
-    delay = min(float(maximum), (1.0 if factor is True else float(factor)) * 2 ** retries)
+    delay = min(float(maximum),
+                (1.0 if factor is True else float(factor)) * 2.0 ** min(max(retries, 0), 64))
     return random.uniform(0, delay) if jitter else delay
 
 
@@ -292,6 +300,11 @@ def _overrides_after_store(cls: type) -> bool:
     return found
 
 
+#: Longest soft time limit the timer is set to, seconds (~31 years; setitimer
+#: refuses values past ~9.2e9).
+_LONGEST_TIMER = 1e9
+
+
 def _raise_soft_limit(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 
@@ -300,11 +313,13 @@ class _SoftLimit:
     """Raise :class:`SoftTimeLimitExceeded` in this (main) thread after ``seconds``.
 
     Uses ``SIGALRM``, so only where the task runs in a process's main thread
-    (prefork children, solo); elsewhere it does nothing.
+    (prefork children, solo); elsewhere it does nothing. A limit longer than
+    :data:`_LONGEST_TIMER` (the timer cannot hold more) is that long.
     """
 
     def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds if seconds and hasattr(signal, "setitimer") \
+        self.seconds = min(seconds, _LONGEST_TIMER) if seconds and seconds > 0 \
+            and hasattr(signal, "setitimer") \
             and threading.current_thread() is threading.main_thread() else None
         self.previous: Any = None
 

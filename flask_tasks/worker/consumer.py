@@ -1,16 +1,18 @@
-"""The broker side of the worker: check each message, settle it, keep leases.
+"""The broker side of the worker: check each message, settle it.
 
 - :class:`Consumer` checks each delivered message cheaply (content type,
-  protocol-2 headers, a registered task, not revoked, due) and hands it on,
-  or rejects it with a logged reason; the body is decoded where the task
-  runs. A message that came before its ``eta`` goes back to the broker's
-  delayed store.
-- :class:`Settler` acknowledges, requeues or rejects messages. When the
+  the type of every protocol-2 header it relies on, a registered task, not
+  revoked, due) and hands it on, or refuses it: a logged reason naming the
+  task and id, FAILURE stored for the id, the message rejected or, with
+  ``TASKS_DEAD_LETTER_REJECTED``, set aside as a dead letter. No message
+  content makes it raise. The body is decoded where the task runs (and here too with
+  ``TASKS_DEAD_LETTER_REJECTED``, so a bad body is set aside before anything
+  acknowledges it). A message that came before its ``eta`` goes back to the
+  broker's delayed store.
+- :class:`Settler` acknowledges, requeues, rejects or sets aside messages. When the
   connection is lost, on a transport that settles by tag (Redis), it keeps
   what the lost channel owes and settles it over the next connection, so
   tasks still running in the pool are not delivered twice.
-- :class:`LeaseKeeper` renews a lease-holding broker's leases (embedded)
-  while the main loop may be busy.
 
 What each needs from the transport is
 :class:`~flask_tasks.transport.base.WorkerChannel`.
@@ -19,9 +21,8 @@ What each needs from the transport is
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from kombu.connection import Connection
 from kombu.message import Message
@@ -29,11 +30,19 @@ from kombu.message import Message
 from .. import states
 from ..app_state import AppState
 from ..exceptions import NotRegistered
-from ..protocol import check_headers, parse_datetime
+from ..protocol import (
+    BadMessage,
+    TaskHeaders,
+    check_content,
+    describe,
+    message_ids,
+    parse,
+    read_headers,
+)
 from ..registry import unknown_task_message
 from ..signals import send_robust, task_received
 from ..transport.base import Detached, PlainChannel, WorkerChannel, worker_channel
-from .executor import ACK, REQUEUE
+from .executor import ACK, REJECT, REQUEUE, label, refusal
 from .revokes import Revokes
 
 logger = logging.getLogger("flask_tasks.worker")
@@ -41,12 +50,45 @@ logger = logging.getLogger("flask_tasks.worker")
 #: Takes a checked message: ``receive(message, acks_late, again_if_lost)``.
 Receive = Callable[[Message, bool, bool], None]
 
+#: A settle action beside ACK, REQUEUE and REJECT: set the message aside as a
+#: dead letter with the reason (rejected if the broker keeps no dead letters).
+DEAD_LETTER = "dead-letter"
 
-def message_id(message: Message) -> str:
-    """What a log line calls a message: its task id, else correlation id, else delivery tag."""
-    headers = message.headers or {}
-    value = headers.get("id") if isinstance(headers, dict) else None
-    return str(value or message.properties.get("correlation_id") or message.delivery_tag)
+#: Pickle's content type: never decoded in the worker's main process.
+PICKLE = "application/x-python-serialize"
+
+#: Longest id a log line shows, characters.
+_MAX_SHOWN = 200
+
+
+def message_id(message: object) -> str:
+    """What a log line calls a message: its task id, else correlation id, else delivery tag.
+
+    Never raises, whatever the message holds (at most 200 characters).
+    """
+    task_id = message_ids(getattr(message, "headers", None))[1]
+    if task_id is not None:
+        return task_id[:_MAX_SHOWN]
+    properties = getattr(message, "properties", None)
+    correlation = properties.get("correlation_id") if isinstance(properties, dict) else None
+    if isinstance(correlation, str) and correlation:
+        return correlation[:_MAX_SHOWN]
+    tag = getattr(message, "delivery_tag", None)
+    return str(tag)[:_MAX_SHOWN] if isinstance(tag, (str, int)) else "(no id)"
+
+
+def routing_key(message: Message) -> str | None:
+    """The routing key a message was delivered with (None: none, or not a string)."""
+    info = message.delivery_info
+    key = info.get("routing_key") if isinstance(info, Mapping) else None
+    return key if isinstance(key, str) and key else None
+
+
+def _peek(body: object) -> str:
+    """The start of a body, for a log line (200 characters at most)."""
+    if isinstance(body, (bytes, str)):
+        return repr(body[:_MAX_SHOWN])[:_MAX_SHOWN]
+    return describe(body)
 
 
 class Settler:
@@ -71,10 +113,14 @@ class Settler:
         self._by_tag = self.channel.settles_by_tag
         return self.channel
 
-    def settle(self, message: Message, action: str) -> None:
-        """``ACK``, ``REQUEUE`` or (any other action) reject ``message``."""
+    def settle(self, message: Message, action: str, reason: str | None = None) -> None:
+        """``ACK``, ``REQUEUE``, ``DEAD_LETTER`` or (any other action) reject ``message``.
+
+        :param reason: why a ``DEAD_LETTER`` is set aside (kept with it).
+        """
         if message.channel is not self._kombu_channel and self._by_tag:
-            # Delivered on a lost connection: settled by tag over this one.
+            # Delivered on a lost connection: settled by tag over this one (a
+            # dead letter cannot be: it is dropped, as a rejected message is).
             tags = self.detached.requeue if action == REQUEUE else self.detached.acks
             tags.append(message.delivery_tag)
             return
@@ -83,12 +129,27 @@ class Settler:
                 message.ack()
             elif action == REQUEUE:
                 message.requeue()
+            elif action == DEAD_LETTER:
+                self._dead_letter(message, reason or "rejected")
             else:
                 message.reject(requeue=False)
         except self.connection.connection_errors + self.connection.channel_errors as exc:
             logger.warning("Could not %s message %s (connection lost: %s); the broker will "
                            "redeliver it if it was unacknowledged.", action,
                            message_id(message), exc)
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        """Set ``message`` aside as a dead letter; reject it if the broker keeps none."""
+        try:
+            if self.channel.dead_letter(message, reason):
+                return
+        except self.connection.connection_errors + self.connection.channel_errors:
+            raise
+        except Exception:
+            logger.exception("Could not set message %s aside as a dead letter; rejecting it",
+                             message_id(message))
+        if not message.acknowledged:
+            message.reject(requeue=False)
 
     def detach(self, waiting: list[Message], running: int) -> None:
         """The connection is lost: keep what its channel owes, to settle over the next one.
@@ -125,41 +186,6 @@ class Settler:
                     len(detached.requeue) + len(detached.unrecorded))
 
 
-class LeaseKeeper:
-    """Renews a lease-based broker's leases from a thread while the main loop may be blocked.
-
-    The embedded broker redelivers a message whose lease ran out; its channel
-    renews while the main loop polls, but a solo pool running a long task, or
-    a full pool, keeps the loop from polling.
-    """
-
-    def __init__(self) -> None:
-        self._stop: threading.Event | None = None
-
-    def start(self, channel: WorkerChannel) -> None:
-        """Renew ``channel``'s leases every third of its lease time (if it has leases)."""
-        timeout = channel.lease_timeout
-        if timeout is None:
-            return
-        every = max(0.5, timeout / 3)
-        stop = self._stop = threading.Event()
-
-        def keep() -> None:
-            while not stop.wait(every):
-                try:
-                    channel.renew_leases()
-                except Exception as exc:  # the next poll renews, or the broker is gone
-                    logger.debug("Renewing leases failed: %s", exc)
-
-        threading.Thread(target=keep, name="LeaseKeeper", daemon=True).start()
-
-    def stop(self) -> None:
-        """Stop renewing (the channel goes away)."""
-        if self._stop is not None:
-            self._stop.set()
-            self._stop = None
-
-
 class Consumer:
     """Checks each message the broker delivers, then hands it on or rejects it.
 
@@ -183,60 +209,159 @@ class Consumer:
         self._warned_eta = False
 
     def on_message(self, message: Message) -> None:
-        """Check a message, then hand it on (or reject it with a reason)."""
-        content_type = message.content_type
-        if self.state.accept and content_type not in self.state.accept:
-            logger.error("Rejected message %s: content type %r is not accepted (accepted: %s; "
-                         "see TASKS_ACCEPT_CONTENT).", message_id(message), content_type,
-                         ", ".join(sorted(self.state.config.accept_content)))
-            message.reject(requeue=False)
+        """Check a message, then hand it on, or refuse it with a logged reason.
+
+        A refused message is rejected, or set aside as a dead letter with
+        ``TASKS_DEAD_LETTER_REJECTED``; FAILURE with the reason is stored for
+        its task id when the headers give one (not for a content type
+        ``TASKS_ACCEPT_CONTENT`` does not accept). Nothing a message holds
+        makes this raise: only the broker's connection errors get through
+        (kombu reconnects), and what the pool or dispatcher raises.
+        """
+        try:
+            checked = self._check(message)
+        except self._broker_errors():
+            raise
+        except Exception as exc:  # a check of ours failed: refuse the message, keep the worker
+            logger.exception("Internal error checking message %s", message_id(message))
+            if not message.acknowledged:
+                name, task_id = message_ids(message.headers)
+                self._refuse(message, f"the worker could not check it ({exc!r:.200})", name,
+                             task_id)
+            return
+        if checked is not None:
+            acks_late, again_if_lost = checked
+            self.receive(message, acks_late, again_if_lost)
+
+    def on_decode_error(self, message: object, exc: Exception) -> None:
+        """Refuse a message kombu could not make readable, as :meth:`on_message` would.
+
+        kombu calls this instead of ``on_message`` when it cannot decompress
+        the body as its ``compression`` header says (or cannot re-encode a
+        text body). A raw entry kombu could not even make a message of is
+        only logged: the transport's own checks are there for that.
+        """
+        if not isinstance(message, Message):
+            logger.error("A broker entry kombu cannot read was dropped: %s",
+                         str(exc)[:_MAX_SHOWN])
             return
         try:
-            name, task_id = check_headers(message.headers)
-        except Exception as exc:
-            logger.error("Rejected message %s: %s. Body: %.200r", message_id(message), exc,
-                         message.body)
-            message.reject(requeue=False)
-            return
+            name, task_id = message_ids(message.headers)
+            if self._refused_content_type(message, name, task_id):
+                return
+            try:
+                headers = read_headers(message.headers)
+            except BadMessage as bad:
+                reason = str(bad)
+            else:
+                reason = (f"the body does not decompress as {headers.compression!r} "
+                          f"({str(exc)[:_MAX_SHOWN]})" if headers.compression
+                          else f"the body cannot be read ({str(exc)[:_MAX_SHOWN]})")
+            self._refuse(message, reason, name, task_id)
+        except self._broker_errors():
+            raise
+        except Exception:
+            logger.exception("Internal error refusing message %s", message_id(message))
+
+    def _broker_errors(self) -> tuple[type[BaseException], ...]:
+        connection = self.settler.connection
+        return tuple(connection.connection_errors) + tuple(connection.channel_errors)
+
+    def _check(self, message: Message) -> tuple[bool, bool] | None:
+        """Check ``message``: ``(acks_late, again_if_lost)`` to hand it on, None if settled here."""
+        name, task_id = message_ids(message.headers)
+        if self._refused_content_type(message, name, task_id):
+            return None
+        try:
+            headers = read_headers(message.headers)
+            problem = check_content(message.content_type, message.content_encoding)
+            if problem:
+                raise BadMessage(problem, headers.id, headers.task)
+        except BadMessage as exc:
+            self._refuse(message, str(exc), exc.name, exc.task_id)
+            return None
+        name, task_id = headers.task, headers.id
         task = self.state.get_task(name)
+        config = self.state.config
         if task is None:
             text = unknown_task_message(name, len(self.state.task_names()))
-            logger.error("Rejected task %s[%s]: %s", name, task_id, text)
+            self._refuse(message, text, name, task_id, failure=NotRegistered(text))
+            return None
+        if config.dead_letter_rejected and message.content_type != PICKLE:
+            # Decoded here too, so that a bad body is set aside before a pool
+            # slot acknowledges the message (pickle runs code: only in the pool).
             try:
-                self.state.backend.store_result(task_id, NotRegistered(text), states.FAILURE,
-                                                text)
-            except Exception:
-                logger.exception("Could not store the failure of %s", task_id)
-            message.reject(requeue=False)
-            return
+                parse(message.headers, message.body, message.content_type,
+                      message.content_encoding, self.state.accept)
+            except BadMessage as exc:
+                self._refuse(message, str(exc), name, task_id)
+                return None
         if task_id in self.revokes.ids:
             self.settler.settle(message, ACK)
             self.revokes.report(name, task_id, False, message)
-            return
-        if self._delay(message, name, task_id):
-            return
+            return None
+        if self._delay(message, headers):
+            return None
         logger.info("Task %s[%s] received", name, task_id)
-        config = self.state.config
         acks_late = task.acks_late if task.acks_late is not None else config.acks_late
         track = task.track_started if task.track_started is not None else config.track_started
         ignore = task.ignore_result if task.ignore_result is not None else config.ignore_result
-        if track and not (ignore or message.headers.get("ignore_result")) \
-                and not self.state.backend.disabled:
-            self.state.backend.store_result(task_id, None, states.RECEIVED)
+        if track and not (ignore or headers.ignore_result) and not self.state.backend.disabled:
+            try:
+                self.state.backend.store_result(task_id, None, states.RECEIVED)
+            except Exception:  # informational: the task still runs
+                logger.exception("Could not store the reception of task %s[%s]", name, task_id)
         send_robust(task_received, self.sender, request=message.headers)
         again = task.reject_on_worker_lost if task.reject_on_worker_lost is not None \
             else config.reject_on_worker_lost
-        self.receive(message, acks_late, acks_late and again)
+        return acks_late, acks_late and again
 
-    def _delay(self, message: Message, name: str, task_id: str) -> bool:
+    def _refused_content_type(self, message: Message, name: str | None,
+                              task_id: str | None) -> bool:
+        """Refuse a message whose content type is not accepted (never decoded; FAILURE stored)."""
+        content_type = message.content_type
+        accept = self.state.accept
+        if not accept or not (content_type is None or isinstance(content_type, str)) \
+                or content_type in accept:
+            return False  # accepted, or not a string: check_content's to refuse
+        self._refuse(message, f"content type {content_type!r} is not accepted (accepted: "
+                     f"{', '.join(sorted(self.state.config.accept_content))}; see "
+                     f"TASKS_ACCEPT_CONTENT).", name, task_id)
+        return True
+
+    def _refuse(self, message: Message, reason: str, name: str | None, task_id: str | None,
+                *, store: bool = True, failure: BaseException | None = None) -> None:
+        """Refuse a message for its content: log, store FAILURE, reject or set it aside.
+
+        :param reason: why, for a person (the log line, the dead letter).
+        :param name: its task name, if readable.
+        :param task_id: its task id, if readable: FAILURE is stored for it.
+        :param store: store FAILURE for ``task_id``.
+        :param failure: the error stored (default: a ``DecodeError`` with the reason).
+        """
+        if task_id is not None:
+            logger.error("Rejected %s: %s", label(name, task_id), reason)
+        else:
+            logger.error("Rejected message %s%s: %s. Body: %s", message_id(message),
+                         f" (task {name})" if name else "", reason, _peek(message.body))
+        if store and task_id is not None:
+            error = failure if failure is not None else refusal(BadMessage(reason))
+            try:
+                self.state.backend.store_result(task_id, error, states.FAILURE, str(error))
+            except Exception:
+                logger.exception("Could not store the failure of %s", task_id)
+        action = DEAD_LETTER if self.state.config.dead_letter_rejected else REJECT
+        self.settler.settle(message, action, reason)
+
+    def _delay(self, message: Message, headers: TaskHeaders) -> bool:
         """Send a message that came before its ``eta`` back to the broker's delayed store.
 
         :returns: True if it went back (and was acknowledged here).
         """
-        eta = parse_datetime(message.headers.get("eta"))
+        eta = headers.eta
         if eta is None or eta.timestamp() <= time.time() + 0.05:
             return False
-        queue = message.delivery_info.get("routing_key") or self.queues[0]
+        queue = routing_key(message) or self.queues[0]
         if not self.settler.channel.schedule(message, queue):
             if not self._warned_eta:
                 self._warned_eta = True
@@ -246,5 +371,5 @@ class Consumer:
             return False
         self.settler.settle(message, ACK)
         logger.info("Task %s[%s] is due at %s: kept on the broker until then",
-                    name, task_id, eta.isoformat())
+                    headers.task, headers.id, eta.isoformat())
         return True

@@ -10,6 +10,13 @@ settled: early-acknowledged messages when a pool slot takes them,
 at most ``TASKS_POISON_MAX_DELIVERIES`` times (the poison cap). A job past
 its hard time limit, or revoked with ``terminate=True``, has its process
 killed.
+
+A job the pool refused for its content (``REFUSE``: a bad header or body,
+an unknown task) has its message rejected, or, with
+``TASKS_DEAD_LETTER_REJECTED``, set aside as a dead letter, when the message
+is not acknowledged yet (``acks_late``; early-acknowledged messages are
+checked in the main process first when that setting is on). Nothing a
+message holds makes the dispatcher raise.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from kombu.message import Message
 from kombu.utils.limits import TokenBucket
@@ -30,7 +37,9 @@ from ..app_state import AppState
 from ..config import parse_rate
 from ..exceptions import TimeLimitExceeded, WorkerLostError
 from ..protocol import Message as ProtocolMessage
-from .executor import ACK, REJECT, REQUEUE, SKIP, Job, Outcome, time_limits
+from ..protocol import message_ids
+from .consumer import DEAD_LETTER, message_id, routing_key
+from .executor import ACK, REFUSE, REJECT, REQUEUE, SKIP, Job, Outcome, time_limits
 from .pools import LOST, Pool
 from .revokes import Revokes
 
@@ -39,11 +48,25 @@ logger = logging.getLogger("flask_tasks.worker")
 #: Header counting how often a message's task killed its pool process.
 LOST_HEADER = "x-flask-tasks-lost"
 
-#: Settles a message on the broker: ``settle(message, ACK | REQUEUE | REJECT)``.
-Settle = Callable[[Message, str], None]
 
-#: A message waiting for the pool: (tag, message, acks_late, again_if_lost).
-Waiting = tuple[int, Message, bool, bool]
+class Settle(Protocol):
+    """Settles a message on the broker (:meth:`.consumer.Settler.settle`).
+
+    ``settle(message, ACK | REQUEUE | REJECT | DEAD_LETTER, reason)``.
+    """
+
+    def __call__(self, message: Message, action: str, reason: str | None = None) -> None: ...
+
+
+class Waiting(NamedTuple):
+    """A message waiting for the pool, with what its checked headers tell."""
+
+    tag: int
+    message: Message
+    acks_late: bool
+    again_if_lost: bool
+    name: str
+    task_id: str
 
 
 @dataclass
@@ -86,7 +109,7 @@ class RateLimits:
             if limit:
                 try:
                     rate = parse_rate(limit)
-                except ValueError as exc:
+                except (ValueError, TypeError) as exc:
                     logger.error("Task %s: %s; running it without a rate limit", name, exc)
                 else:
                     # Up to 0.1 s worth at once: the loop looks again at least that often.
@@ -128,15 +151,24 @@ class Dispatcher:
     def receive(self, message: Message, acks_late: bool, again_if_lost: bool) -> None:
         """Buffer a checked message and dispatch what the pool can take.
 
+        :param message: a message the consumer checked (its headers name the
+            task and id; one that does not is rejected).
         :param again_if_lost: deliver it again if its pool process dies.
         """
-        self.buffer.append((next(self._tags), message, acks_late, again_if_lost))
+        name, task_id = message_ids(message.headers)
+        if name is None or task_id is None:  # the consumer's checks let no such message by
+            logger.error("Rejected message %s: its headers lack 'task' or 'id'",
+                         message_id(message))
+            self.settle(message, REJECT)
+        else:
+            self.buffer.append(Waiting(next(self._tags), message, acks_late, again_if_lost,
+                                       name, task_id))
         self.dispatch()
 
     def _next_allowed(self) -> Waiting | None:
         """Take the first buffered message whose task's rate limit allows it now."""
         for position, entry in enumerate(self.buffer):
-            bucket = self.limits.bucket(entry[1].headers["task"])
+            bucket = self.limits.bucket(entry.name)
             if bucket is None or bucket.can_consume(1):
                 del self.buffer[position]
                 return entry
@@ -148,28 +180,30 @@ class Dispatcher:
             entry = self._next_allowed()
             if entry is None:  # all waiting on their rate limits
                 return
-            tag, message, acks_late, again_if_lost = entry
-            headers = message.headers
-            if headers["id"] in self.revokes.ids:  # revoked while it waited here
+            tag, message, acks_late, again_if_lost, name, task_id = entry
+            if task_id in self.revokes.ids:  # revoked while it waited here
                 self.settle(message, ACK)
-                self.revokes.report(headers["task"], headers["id"], False, message)
+                self.revokes.report(name, task_id, False, message)
                 continue
-            delivery = Delivery(message, acks_late, headers["task"], headers["id"],
-                                again_if_lost=again_if_lost,
-                                time_limit=self._hard_limit(headers))
+            headers = message.headers
+            delivery = Delivery(message, acks_late, name, task_id, again_if_lost=again_if_lost,
+                                time_limit=self._hard_limit(name, headers))
             self.inflight[tag] = delivery
             if not acks_late and not self._ack_on_start:
                 self.settle(message, ACK)
                 delivery.acked = True
             self.pool.submit(Job(tag, headers, message.body, message.content_type,
-                                 message.content_encoding, dict(message.properties),
-                                 dict(message.delivery_info)))
+                                 message.content_encoding, _as_dict(message.properties),
+                                 _as_dict(message.delivery_info)))
             if self._inline:
                 self.complete(self.pool.collect(0))
 
-    def _hard_limit(self, headers: dict[str, Any]) -> float | None:
-        """The hard time limit of a message (enforced by the prefork pool only)."""
-        task = self.state.get_task(headers["task"])
+    def _hard_limit(self, name: str, headers: Mapping[str, Any]) -> float | None:
+        """The hard time limit of a message, seconds (enforced by the prefork pool only).
+
+        Never raises: a ``timelimit`` header of the wrong type counts as not set.
+        """
+        task = self.state.get_task(name)
         if not self._ack_on_start or task is None:
             return None
         return time_limits(task, headers.get("timelimit"), self.state.config)[0]
@@ -227,6 +261,13 @@ class Dispatcher:
                 else:
                     self._worker_lost(delivery.name, delivery.task_id, outcome.reason or "")
                 action = ACK
+            elif action == REFUSE:  # refused for its content: FAILURE is stored already
+                logger.error("%s", outcome.reason or f"Rejected task {delivery.name}"
+                             f"[{delivery.task_id}]")
+                action = DEAD_LETTER if self.state.config.dead_letter_rejected else REJECT
+                if not delivery.acked:  # never ack what was refused
+                    self.settle(delivery.message, action, outcome.reason)
+                    continue
             elif outcome.reason and action in (REJECT, REQUEUE):
                 logger.warning("%s", outcome.reason)
             if delivery.acked:
@@ -239,28 +280,34 @@ class Dispatcher:
         """Its process died: publish the message again, counting the deaths; cap poison.
 
         A copy with the count in a header goes back to the queue (the caller
-        acks the original), so the cap holds on every broker.
+        acks the original), so the cap holds on every broker. A count that is
+        not an integer >= 0 counts as 0. If the copy cannot be published, the
+        task fails (WorkerLostError stored), so a caller still learns its end.
         """
         message = delivery.message
-        lost = int(message.headers.get(LOST_HEADER) or 0) + 1
+        lost = _lost_count(message.headers.get(LOST_HEADER)) + 1
         limit = self.state.config.poison_max_deliveries
         if lost >= limit:
             self._worker_lost(delivery.name, delivery.task_id,
                               f"{reason}; the task killed its process {lost} times, so it is "
                               f"not delivered again (TASKS_POISON_MAX_DELIVERIES={limit})")
             return
-        headers = {**message.headers, LOST_HEADER: lost}
-        queue = self.state.router.queue(message.delivery_info.get("routing_key")
-                                        or self.queues[0])
-        properties = {key: message.properties.get(key, "")
-                      for key in ("correlation_id", "reply_to")}
-        copy = ProtocolMessage(delivery.task_id, delivery.name, headers, properties,
-                               message.body, message.content_type, message.content_encoding)
         try:
-            self.state.publisher.publish(copy, queue, priority=message.properties.get("priority"))
-        except Exception:
+            headers = {**message.headers, LOST_HEADER: lost}
+            queue = self.state.router.queue(routing_key(message) or self.queues[0])
+            properties = _as_dict(message.properties)
+            copy = ProtocolMessage(delivery.task_id, delivery.name, headers,
+                                   {key: properties.get(key) or ""
+                                    for key in ("correlation_id", "reply_to")},
+                                   message.body, message.content_type, message.content_encoding)
+            priority = properties.get("priority")
+            self.state.publisher.publish(copy, queue, priority=priority
+                                         if isinstance(priority, int) else None)
+        except Exception as exc:
             logger.exception("Could not deliver task %s[%s] again", delivery.name,
                              delivery.task_id)
+            self._worker_lost(delivery.name, delivery.task_id,
+                              f"{reason}; it could not be delivered again ({exc!r:.200})")
             return
         logger.warning("Task %s[%s] will run again (%s; %d of %d)", delivery.name,
                        delivery.task_id, reason, lost, limit)
@@ -282,11 +329,22 @@ class Dispatcher:
 
     def take_waiting(self) -> list[Message]:
         """Empty the buffer; returns its messages, in order."""
-        waiting = [entry[1] for entry in self.buffer]
+        waiting = [entry.message for entry in self.buffer]
         self.buffer.clear()
         return waiting
 
     def requeue_waiting(self) -> None:
         """Put every buffered message back on its queue (warm shutdown)."""
         while self.buffer:
-            self.settle(self.buffer.popleft()[1], REQUEUE)
+            self.settle(self.buffer.popleft().message, REQUEUE)
+
+
+def _as_dict(value: object) -> dict[str, Any]:
+    """A message's properties or delivery info as a dict ({} if they are not a mapping)."""
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _lost_count(value: object) -> int:
+    """The :data:`LOST_HEADER` of a message: an integer >= 0, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else 0

@@ -19,11 +19,12 @@ from .. import states
 from ..app_state import AppState
 from ..exceptions import DecodeError, NotRegistered
 from ..options import time_limits
-from ..protocol import parse
+from ..protocol import BadMessage, message_ids, parse
 from ..registry import unknown_task_message
-from ..trace import ACK, REJECT, REQUEUE, SKIP, Outcome, trace_task
+from ..trace import ACK, REFUSE, REJECT, REQUEUE, SKIP, Outcome, trace_task
 
-__all__ = ["ACK", "REJECT", "REQUEUE", "SKIP", "Job", "Outcome", "run_job", "time_limits"]
+__all__ = ["ACK", "REFUSE", "REJECT", "REQUEUE", "SKIP", "Job", "Outcome", "label", "refusal",
+           "run_job", "time_limits"]
 
 logger = logging.getLogger("flask_tasks.worker")
 
@@ -42,38 +43,75 @@ class Job:
 
 
 def run_job(app: Flask, state: AppState, job: Job, hostname: str | None = None) -> Outcome:
-    """Decode ``job`` and run it; a message that cannot be run is rejected with a reason.
+    """Decode ``job`` and run it; a message that cannot be run is refused with a reason.
 
-    A body that cannot be decoded or a task not registered here ends the
-    message (``REJECT``) and, when the task id is known, stores FAILURE so
-    callers waiting on it learn why.
+    A message :func:`~flask_tasks.protocol.parse` refuses (a header of the
+    wrong type, a content encoding nobody knows, a body that cannot be
+    decoded or is not ``[args, kwargs, embed]``) or a task not registered
+    here ends the message (``REFUSE``: rejected, or set aside as a dead
+    letter) and, when the task id can be read, stores FAILURE so callers
+    waiting on it learn why (a content type ``TASKS_ACCEPT_CONTENT`` does not
+    accept too: it is never decoded).
+
+    Never raises (but for ``BaseException`` s such as ``KeyboardInterrupt``):
+    an error of the worker's own is logged with the task's name and id,
+    stored as FAILURE and the message acknowledged.
 
     :param app: the worker's app (the task body runs in its app context).
     :param state: the app's state: its backend, settings and publisher.
     :param hostname: the worker's node name, for ``request.hostname``.
     """
     try:
+        return _run_job(app, state, job, hostname)
+    except Exception as exc:
+        name, task_id = message_ids(job.headers)
+        logger.exception("Internal error running task %s[%s] (job %s)", name or "?",
+                         task_id or "no id", job.tag)
+        reason = f"Internal error of the worker running task {name or '?'}[{task_id}]: {exc!r}"
+        if task_id is not None:
+            _store_failure(state, task_id, exc, reason)
+        return Outcome(tag=job.tag, state=states.FAILURE, action=ACK, reason=reason, exc=exc)
+
+
+def _run_job(app: Flask, state: AppState, job: Job, hostname: str | None) -> Outcome:
+    try:
         request = parse(job.headers, job.body, job.content_type, job.content_encoding,
                         state.accept, job.properties, job.delivery_info)
-    except DecodeError as exc:
-        task_id = (job.headers or {}).get("id") if isinstance(job.headers, dict) else None
-        reason = f"Rejected message {task_id or '(no id)'}: {exc}"
-        if isinstance(task_id, str) and task_id and not str(exc).startswith("content type"):
-            _store_failure(state, task_id, exc)
-        return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, reason=reason, exc=exc)
+    except BadMessage as exc:
+        failure = refusal(exc)
+        if exc.task_id is not None:
+            _store_failure(state, exc.task_id, failure, str(failure))
+        return Outcome(tag=job.tag, state=states.REJECTED, action=REFUSE, exc=failure,
+                       reason=f"Rejected {label(exc.name, exc.task_id)}: {exc}")
     task = state.get_task(request.task)
     if task is None:
         error = NotRegistered(unknown_task_message(request.task, len(state.task_names())))
-        _store_failure(state, request.id, error)
-        return Outcome(tag=job.tag, state=states.REJECTED, action=REJECT, exc=error,
+        _store_failure(state, request.id, error, str(error))
+        return Outcome(tag=job.tag, state=states.REJECTED, action=REFUSE, exc=error,
                        reason=f"Rejected task {request.task}[{request.id}]: {error}")
     outcome = trace_task(app, state, task, request, hostname=hostname)
     outcome.tag = job.tag
     return outcome
 
 
-def _store_failure(state: AppState, task_id: str, exc: BaseException) -> None:
+def refusal(exc: BadMessage) -> DecodeError:
+    """What a caller waiting on a refused message gets: a ``DecodeError`` with the reason."""
+    return DecodeError(f"The worker rejected the message, the task did not run: {exc}")
+
+
+def label(name: str | None, task_id: str | None) -> str:
+    """How a log line names a message: ``task <name>[<id>]``, else ``message <id>``.
+
+    :param name: the task name its headers tell (None: unreadable).
+    :param task_id: the task id its headers tell (None: unreadable).
+    """
+    if task_id is None:
+        return f"task {name} (no id)" if name else "message (no id)"
+    return f"task {name}[{task_id}]" if name else f"message {task_id}"
+
+
+def _store_failure(state: AppState, task_id: str, exc: BaseException, reason: str) -> None:
     try:
-        state.backend.store_result(task_id, exc, states.FAILURE, str(exc))
+        state.backend.store_result(task_id, exc, states.FAILURE, reason)
     except Exception:
         logger.exception("Could not store the failure of %s", task_id)

@@ -49,9 +49,10 @@ from ..app_state import AppState
 from ..signals import send_robust, worker_process_init, worker_ready, worker_shutdown
 from ..transport.base import WorkerChannel
 from ..transport.connect import broker_connection, mask_url
-from .consumer import Consumer, LeaseKeeper, Settler
+from .consumer import Consumer, Settler
 from .dispatch import Dispatcher
 from .executor import Job, Outcome, run_job
+from .leases import LeaseKeeper
 from .pools import POOLS, Pool
 from .revokes import Revokes
 
@@ -162,6 +163,10 @@ class Worker(ConsumerMixin):
         self._consumers = [consumer_cls(queues=queues, on_message=self.consumer.on_message,
                                         no_ack=False, accept=None)]
         return self._consumers
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        # kombu calls this, not on_message, for a body it cannot decompress.
+        self.consumer.on_decode_error(message, exc)
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
         if self._warm:  # asked to stop while the broker is away: stop now

@@ -32,8 +32,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from .executor import ACK, Job, Outcome
-from .prefork import LOST, PreforkPool
+from .executor import Job, Outcome
+from .prefork import LOST, PreforkPool, internal_error
 
 logger = logging.getLogger("flask_tasks.worker")
 
@@ -138,8 +138,7 @@ class ThreadPool:
             try:
                 outcome = self.runner(job)
             except BaseException as exc:  # the runner itself failed: never lose the tag
-                logger.exception("Internal error running job %s", job.tag)
-                outcome = Outcome(tag=job.tag, state="FAILURE", action=ACK, reason=repr(exc))
+                outcome = internal_error(job, exc)
             self._done.put(outcome)
 
     def free(self) -> int:

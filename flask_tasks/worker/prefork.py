@@ -15,6 +15,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any, ClassVar
 
+from ..protocol import message_ids
 from .executor import ACK, SKIP, Job, Outcome
 
 logger = logging.getLogger("flask_tasks.worker")
@@ -24,6 +25,19 @@ Runner = Callable[[Job], Outcome]
 
 #: The outcome action of a job whose process died.
 LOST = "lost"
+
+
+def internal_error(job: Job, exc: BaseException) -> Outcome:
+    """The outcome of a job whose runner raised: logged with the task's name and id, acked.
+
+    (:func:`~.executor.run_job` raises only ``BaseException`` s such as
+    ``KeyboardInterrupt``; other runners may raise anything.)
+    """
+    name, task_id = message_ids(job.headers)
+    logger.exception("Internal error running task %s[%s] (job %s)", name or "?",
+                     task_id or "no id", job.tag)
+    return Outcome(tag=job.tag, state="FAILURE", action=ACK,
+                   reason=f"Internal error running task {name or '?'}[{task_id}]: {exc!r}")
 
 
 class _Child:
@@ -139,9 +153,8 @@ def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, slots
         slots.add(index, job.tag)
         try:
             outcome = runner(job)
-        except BaseException as exc:
-            logger.exception("Internal error running job %s", job.tag)
-            outcome = Outcome(tag=job.tag, state="FAILURE", action=ACK, reason=repr(exc))
+        except BaseException as exc:  # the runner itself failed: never lose the tag
+            outcome = internal_error(job, exc)
         last_runtime[str(name)] = outcome.runtime
         done += 1
         retiring = bool(max_tasks and done >= max_tasks)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import uuid
 
 import pytest
 import redis
@@ -10,7 +12,7 @@ from flask import Flask
 from kombu import Connection
 
 from flask_tasks import states
-from flask_tasks.exceptions import EncodeError, NotRegistered
+from flask_tasks.exceptions import DecodeError, EncodeError, NotRegistered
 from flask_tasks.routing import make_queue
 from tests.apps import basic
 
@@ -23,12 +25,14 @@ def worker(start_worker, redis_url: str):
                                              "TEST_RESULT_BACKEND": redis_url})
 
 
-def publish_raw(url: str, body: bytes, content_type: str, headers: dict | None) -> None:
+def publish_raw(url: str, body: bytes, content_type: str, headers: dict | None,
+                content_encoding: str | None = None) -> None:
     with Connection(url) as conn:
         conn.Producer().publish(body, exchange=make_queue("celery").exchange, routing_key="celery",
                                 declare=[make_queue("celery")], content_type=content_type,
-                                content_encoding="binary" if content_type != "application/json"
-                                else "utf-8", headers=headers or {})
+                                content_encoding=content_encoding or (
+                                    "binary" if content_type != "application/json" else "utf-8"),
+                                headers=headers or {})
 
 
 def test_unserializable_argument_fails_in_caller_and_sends_nothing(basic_app: Flask,
@@ -72,6 +76,47 @@ def test_pickle_message_refused_when_only_json_accepted(basic_app: Flask, worker
     publish_raw(redis_url, pickle.dumps(((2, 3), {}, {})), "application/x-python-serialize",
                 headers)
     worker.wait_output("content type 'application/x-python-serialize' is not accepted")
-    assert basic.tasks.AsyncResult("pickled-1").state == states.PENDING  # never ran
+    result = basic.tasks.AsyncResult("pickled-1")
+    with pytest.raises(DecodeError, match="is not accepted"):  # the caller learns why
+        result.get(timeout=10)
+    assert result.state == states.FAILURE  # never decoded, never ran
     assert basic.add.delay(3, 3).get(timeout=10) == 6
+    assert redis.Redis.from_url(redis_url).llen("celery") == 0
+
+
+ADD = "tests.apps.basic.add"
+GOOD_BODY = json.dumps([[2, 3], {}, {"callbacks": None, "errbacks": None, "chain": None,
+                                     "chord": None}]).encode()
+
+
+@pytest.mark.parametrize(("headers", "body", "encoding", "reason"), [
+    pytest.param({"eta": 5}, GOOD_BODY, "utf-8",
+                 "header 'eta' is JSON number 5, not an ISO 8601 string", id="eta-number"),
+    pytest.param({"timelimit": ["a", "b"]}, GOOD_BODY, "utf-8",
+                 "header 'timelimit' is JSON array \\['a', 'b'\\], not \\[hard, soft\\]",
+                 id="timelimit-strings"),
+    pytest.param({"retries": "x"}, GOOD_BODY, "utf-8",
+                 "header 'retries' is JSON string 'x', not an integer >= 0", id="retries-string"),
+    pytest.param({"expires": 5}, GOOD_BODY, "utf-8",
+                 "header 'expires' is JSON number 5, not an ISO 8601 string",
+                 id="expires-number"),
+    pytest.param({}, GOOD_BODY, "no-such-codec",
+                 "content-encoding 'no-such-codec' is not an encoding Python knows",
+                 id="content-encoding"),
+    pytest.param({"compression": "zlib"}, b"this is not zlib data", "utf-8",
+                 "the body does not decompress as 'zlib'", id="compression-garbage"),
+])
+def test_a_rejected_message_fails_its_task_and_the_worker_keeps_serving(
+        basic_app: Flask, worker, redis_url: str, headers: dict, body: bytes, encoding: str,
+        reason: str) -> None:
+    task_id = f"bad-{uuid.uuid4()}"
+    publish_raw(redis_url, body, "application/json",
+                {"lang": "py", "task": ADD, "id": task_id, **headers}, encoding)
+    result = basic.tasks.AsyncResult(task_id)
+    with pytest.raises(DecodeError, match=reason):
+        result.get(timeout=10)
+    assert result.state == states.FAILURE
+    worker.wait_output(f"Rejected task {ADD}[{task_id}]: ")
+    assert basic.add.delay(2, 2).get(timeout=10) == 4
+    assert worker.proc.poll() is None
     assert redis.Redis.from_url(redis_url).llen("celery") == 0

@@ -9,14 +9,17 @@ from typing import Any
 
 import pytest
 from flask import Flask, current_app
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flask_tasks import Task, Tasks, signals, states
 from flask_tasks.backends.base import Backend
 from flask_tasks.config import Config
 from flask_tasks.exceptions import Reject
+from flask_tasks.options import time_limits
 from flask_tasks.protocol import Context, accept_set, build, parse
 from flask_tasks.result import AsyncResult
-from flask_tasks.trace import ACK, REQUEUE, trace_task
+from flask_tasks.trace import ACK, REQUEUE, backoff_delay, trace_task
 
 
 class MemoryBackend(Backend):
@@ -210,3 +213,46 @@ def test_reject_tells_the_worker_to_requeue(app: Flask) -> None:
     outcome = trace_task(app, state, reject, request_for(reject))
     assert (outcome.state, outcome.action) == (states.REJECTED, REQUEUE)
     assert "not now" in (outcome.reason or "") and state.backend.states == []
+
+
+# -- what a message carries cannot make trace raise --------------------------------
+def test_a_soft_time_limit_past_what_the_timer_holds_still_runs(app: Flask) -> None:
+    state = FakeState()
+    request = request_for(add, 1, 2, soft_time_limit=1e12)  # setitimer refuses > ~9.2e9 s
+    assert request.timelimit == (None, 1e12)
+    outcome = trace_task(app, state, add, request)
+    assert (outcome.state, outcome.retval) == (states.SUCCESS, 3)
+
+
+def test_a_failing_started_store_does_not_stop_the_task(app: Flask,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    state = FakeState(Config(track_started=True))
+    real = state.backend._set
+
+    def no_started(task_id: str, meta: dict[str, Any]) -> None:
+        if meta["status"] == states.STARTED:
+            raise ConnectionError("results down")
+        real(task_id, meta)
+
+    state.backend._set = no_started  # type: ignore[method-assign]
+    outcome = trace_task(app, state, add, request_for(add, 2, 2))
+    assert outcome.retval == 4 and state.backend.states == [states.SUCCESS]
+    assert "Could not store the start of task trace.add[id-1]" in caplog.text
+
+
+@given(st.integers(min_value=0, max_value=10**12), st.floats(min_value=0, max_value=1e6))
+def test_backoff_is_cheap_and_bounded_for_any_retries(retries: int, maximum: float) -> None:
+    assert 0 <= backoff_delay(True, retries, maximum, jitter=False) <= maximum
+    assert 0 <= backoff_delay(0.5, retries, maximum, jitter=True) <= maximum
+
+
+@given(st.one_of(st.none(), st.integers(), st.floats(), st.text(), st.booleans(),
+                 st.lists(st.one_of(st.none(), st.integers(), st.floats(), st.text(),
+                                    st.booleans(), st.integers(min_value=10**400)),
+                          max_size=3)))
+def test_time_limits_never_raise_on_a_message_value(timelimit: Any) -> None:
+    hard, soft = time_limits(add, timelimit, Config(time_limit=30.0))
+    assert hard is None or (isinstance(hard, float) and hard >= 0)
+    assert soft is None or (isinstance(soft, float) and soft >= 0)
+    if not (isinstance(timelimit, list) and len(timelimit) == 2):
+        assert (hard, soft) == (30.0, None)  # the worker's, as if the message set none
