@@ -60,6 +60,9 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
     ``embedded://`` URLs get the embedded transport (:mod:`.embedded`),
     ``redis://`` and ``rediss://`` flask_tasks' Redis transport (:mod:`.redis`);
     other URLs kombu's own.
+
+    :param connect_timeout: seconds to wait for a connection (on Redis also
+        its ``socket_connect_timeout``, unless the transport options set one).
     """
     # Each transport is imported only when a URL names it (Flask-SQLAlchemy's
     # way with optional features): redis-py alone takes ~60 ms to import.
@@ -73,6 +76,10 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
         from .redis import Transport
 
         connection.transport_cls = Transport  # kombu's, with batched round trips
+        if connect_timeout is not None:
+            # kombu's Redis channel ignores the connection's connect_timeout, and
+            # redis-py would wait for the OS (minutes, for a host that never answers).
+            options.setdefault("socket_connect_timeout", connect_timeout)
     elif not url.startswith("embedded:"):
         for key in OWN_OPTIONS:
             options.pop(key, None)

@@ -46,3 +46,13 @@ def test_connected_to_log_line(caplog: pytest.LogCaptureFixture) -> None:
             pass
     assert "Connected to memory://localhost//" in caplog.text
     assert "**" not in caplog.text
+
+
+def test_redis_connections_wait_no_longer_than_the_connect_timeout() -> None:
+    # kombu's Redis channel reads its socket timeouts from the transport options only.
+    options = broker_connection("redis://h:1/0", None, 2.5).transport_options
+    assert options["socket_connect_timeout"] == 2.5
+    given = {"socket_connect_timeout": 9}
+    assert broker_connection("redis://h:1/0", given, 2.5).transport_options == given
+    assert "socket_connect_timeout" not in broker_connection("memory://", None, 2.5)\
+        .transport_options
