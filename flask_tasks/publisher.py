@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +17,9 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Producer
 
-from .protocol import Message
+from .protocol import Message, envelope_eta
 from .transport.connect import broker_connection
+from .transport.delays import delayed_route, is_amqp
 
 logger = logging.getLogger("flask_tasks.publisher")
 
@@ -87,8 +89,12 @@ class Publisher:
         connection = producer.connection
         # The default exchange delivers straight to the queue named by the
         # routing key, sparing kombu's exchange-table lookup on Redis.
+        exchange, routing_key = "", queue.name
+        eta = envelope_eta({"headers": message.headers}) if is_amqp(connection) else None
+        if eta is not None and eta > time.time():  # RabbitMQ: down the delay ladder
+            exchange, routing_key = delayed_route(eta, queue.name)
         options = dict(
-            exchange="", routing_key=queue.name, content_type=message.content_type,
+            exchange=exchange, routing_key=routing_key, content_type=message.content_type,
             content_encoding=message.content_encoding, headers=message.headers,
             compression=compression, priority=priority, delivery_mode=2, **message.properties,
         )
@@ -114,6 +120,13 @@ class Publisher:
         declared = self._declared.setdefault(producer.connection, set())
         if queue.name not in declared:
             producer.maybe_declare(queue, retry, **policy)
+            if is_amqp(producer.connection):
+                # Imported for RabbitMQ only: py-amqp is not needed otherwise.
+                from .transport.amqp import bind_queue, declare_ladder
+
+                if not declared:  # once per connection
+                    declare_ladder(producer.channel)
+                bind_queue(producer.channel, queue)
             declared.add(queue.name)
 
     def reset_after_fork(self) -> None:

@@ -37,7 +37,7 @@ Never imports Flask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -46,7 +46,8 @@ from kombu.transport import virtual
 
 from .dead_letters import DeadLetters
 
-__all__ = ["ACK_MAX_AGE", "Detached", "PlainChannel", "WorkerChannel", "worker_channel"]
+__all__ = ["ACK_MAX_AGE", "Detached", "PlainChannel", "WorkerChannel", "register_adapter",
+           "worker_channel"]
 
 #: Seconds a buffered acknowledgement may wait, by default (:meth:`WorkerChannel.flush_acks`).
 ACK_MAX_AGE = 0.1
@@ -181,6 +182,27 @@ class PlainChannel(WorkerChannel):
         return self._qos is None or bool(self._qos.can_consume())
 
 
+#: kombu channel class -> the WorkerChannel that adapts it (:func:`register_adapter`).
+_ADAPTERS: dict[type, Callable[[object], WorkerChannel]] = {}
+
+
+def register_adapter(channel_class: type, adapter: Callable[[object], WorkerChannel]) -> None:
+    """Make :func:`worker_channel` adapt channels of ``channel_class`` with ``adapter``.
+
+    A transport module that adapts a kombu transport it does not own
+    (:mod:`.amqp`) registers itself when imported; :func:`.connect.broker_connection`
+    imports it for the URLs it serves.
+    """
+    _ADAPTERS[channel_class] = adapter
+
+
 def worker_channel(channel: object) -> WorkerChannel:
-    """The :class:`WorkerChannel` of a kombu channel: itself, if it is one."""
-    return channel if isinstance(channel, WorkerChannel) else PlainChannel(channel)
+    """The :class:`WorkerChannel` of a kombu channel: itself, if it is one; else its
+    registered adapter's; else a :class:`PlainChannel`."""
+    if isinstance(channel, WorkerChannel):
+        return channel
+    for cls in type(channel).__mro__:
+        adapter = _ADAPTERS.get(cls)
+        if adapter is not None:
+            return adapter(channel)
+    return PlainChannel(channel)

@@ -83,4 +83,6 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
     elif not url.startswith("embedded:"):
         for key in OWN_OPTIONS:
             options.pop(key, None)
+    if connection.transport_cls in ("amqp", "pyamqp", "amqps"):
+        from . import amqp  # noqa: F401 - registers its WorkerChannel (delayed delivery)
     return connection

@@ -42,6 +42,7 @@ from ..protocol import (
 from ..registry import unknown_task_message
 from ..signals import send_robust, task_received
 from ..transport.base import Detached, PlainChannel, WorkerChannel, worker_channel
+from ..transport.delays import strip_delay
 from .executor import ACK, REJECT, REQUEUE, label, refusal
 from .revokes import Revokes
 
@@ -78,10 +79,14 @@ def message_id(message: object) -> str:
 
 
 def routing_key(message: Message) -> str | None:
-    """The routing key a message was delivered with (None: none, or not a string)."""
+    """The routing key a message was sent with (None: none, or not a string).
+
+    A message that came through RabbitMQ's delay ladder is delivered with the
+    delay's binary digits in front of it: they are dropped.
+    """
     info = message.delivery_info
     key = info.get("routing_key") if isinstance(info, Mapping) else None
-    return key if isinstance(key, str) and key else None
+    return strip_delay(key) or None if isinstance(key, str) and key else None
 
 
 def _peek(body: object) -> str:

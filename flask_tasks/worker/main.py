@@ -49,6 +49,7 @@ from ..app_state import AppState
 from ..signals import send_robust, worker_process_init, worker_ready, worker_shutdown
 from ..transport.base import WorkerChannel
 from ..transport.connect import broker_connection, mask_url
+from ..transport.delays import is_amqp
 from .consumer import Consumer, Settler
 from .dispatch import Dispatcher
 from .executor import Job, Outcome, run_job
@@ -159,6 +160,15 @@ class Worker(ConsumerMixin):
                       channel: Any) -> list[KombuConsumer]:
         channel.basic_qos(0, self.prefetch_count, False)
         queues = [self.state.router.queue(name) for name in self.queues]
+        if is_amqp(self.connection):
+            # RabbitMQ keeps delayed messages on a ladder of queues: declare it, and
+            # bind our queues to its end (imported for RabbitMQ only: py-amqp).
+            from ..transport.amqp import bind_queue, declare_ladder
+
+            declare_ladder(channel)
+            for queue in queues:
+                queue(channel).declare()
+                bind_queue(channel, queue)
         # ConsumerMixin hands us a Consumer class with the channel already bound.
         self._consumers = [consumer_cls(queues=queues, on_message=self.consumer.on_message,
                                         no_ack=False, accept=None)]
