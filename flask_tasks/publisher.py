@@ -121,13 +121,25 @@ class Publisher:
         if queue.name not in declared:
             producer.maybe_declare(queue, retry, **policy)
             if is_amqp(producer.connection):
-                # Imported for RabbitMQ only: py-amqp is not needed otherwise.
-                from .transport.amqp import bind_queue, declare_ladder
-
-                if not declared:  # once per connection
-                    declare_ladder(producer.channel)
-                bind_queue(producer.channel, queue)
+                self._declare_delays(producer, queue, not declared, retry, policy)
             declared.add(queue.name)
+
+    @staticmethod
+    def _declare_delays(producer: Producer, queue: Queue, ladder: bool, retry: bool,
+                        policy: Mapping[str, Any]) -> None:
+        """RabbitMQ: declare the delay ladder (``ladder``) and bind ``queue`` to its end."""
+        # Imported for RabbitMQ only: py-amqp is not needed otherwise.
+        from .transport.amqp import bind_queue, declare_ladder
+
+        def declare() -> None:
+            if ladder:
+                declare_ladder(producer.channel)  # the producer's channel, revived on retry
+            bind_queue(producer.channel, queue)
+
+        if retry:
+            producer.connection.ensure(producer, declare, **policy)()
+        else:
+            declare()
 
     def reset_after_fork(self) -> None:
         """Forget connections inherited from the parent (they belong to it)."""

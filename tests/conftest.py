@@ -1,4 +1,5 @@
-"""Session fixtures: a real redis-server on a free loopback port, worker subprocesses."""
+"""Session fixtures: a real redis-server and a private rabbitmq-server on free loopback
+ports, worker subprocesses; ``broker``: each integration test on Redis and on RabbitMQ."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,15 @@ import pytest
 import redis
 from flask import Flask
 
-from tests.helpers import ROOT, ExampleScript, RedisServer, WorkerProcess, free_port
+from tests.helpers import (
+    RABBITMQ_BIN,
+    ROOT,
+    ExampleScript,
+    RabbitMQServer,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +54,80 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client.flushall()
     yield redis_server + "/0"
     client.flushall()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[RabbitMQServer]:
+    """A private ``rabbitmq-server`` node (Debian's package) on 127.0.0.1:<free port>.
+
+    Its own node name, distribution and epmd ports, data and logs under a temporary
+    folder owned by the rabbitmq user (removed at the end); stopped with its epmd at
+    the end of the session. Without rabbitmq-server the test is skipped, except under CI, where
+    it fails. A node that does not accept AMQP within 60 s fails with its log tail.
+    """
+    if not (RABBITMQ_BIN / "rabbitmq-server").exists() or shutil.which("epmd") is None:
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmq-server is not installed (CI must install it: "
+                        "scripts/test.sh does)")
+        pytest.skip("rabbitmq-server is not installed")
+    # Not under pytest's basetemp: that is private to this user (0700), and the node
+    # runs as the rabbitmq user. mkdtemp's folder is 0700 too, then owned by rabbitmq.
+    workdir = Path(tempfile.mkdtemp(prefix="flask-tasks-rabbitmq-"))
+    server = RabbitMQServer(workdir)
+    try:
+        server.start(timeout=60)
+        yield server
+    finally:
+        server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """The session's RabbitMQ, default vhost: ``amqp://guest:guest@127.0.0.1:<port>//``."""
+    return rabbitmq_server.url
+
+
+@pytest.fixture()
+def rabbitmq_vhost(rabbitmq_server: RabbitMQServer) -> Iterator[str]:
+    """A clean RabbitMQ virtual host for one test (~0.4 s); its ``amqp://`` URL.
+
+    Deleted at the end, with every queue, exchange and message the test left.
+    """
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    url = rabbitmq_server.add_vhost(name)
+    yield url
+    rabbitmq_server.delete_vhost(name)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The broker URL for the app and its workers: the test's Redis, or a fresh
+    RabbitMQ vhost. The result backend is Redis (``redis_url``) in both cases."""
+    if request.param == "redis":
+        return redis_url
+    return str(request.getfixturevalue("rabbitmq_vhost"))
+
+
+@pytest.fixture()
+def broker_app(broker: str, redis_url: str, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    """``tests.apps.basic`` on ``broker``, results in Redis, instance ``tmp_path``, in an
+    app context."""
+    from tests.apps import basic
+
+    monkeypatch.setenv("TEST_BROKER_URL", broker)
+    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
+    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
+    app = basic.create_app()
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture()
+def broker_env(broker: str, redis_url: str) -> dict[str, str]:
+    """Environment for a worker of ``tests.apps.basic`` on ``broker``, results in Redis."""
+    return {"TEST_BROKER_URL": broker, "TEST_RESULT_BACKEND": redis_url}
 
 
 @pytest.fixture()

@@ -298,3 +298,237 @@ def redis_keys_holding(url: str, needle: str) -> list[str]:
         if any(data in value for value in values):
             found.append(key.decode("utf-8", "backslashreplace"))
     return sorted(found)
+
+
+# -- RabbitMQ: a private rabbitmq-server, broker-agnostic queue checks ---------------------
+
+#: Where Debian's package puts the server's own scripts (/usr/sbin/rabbitmq-server is a
+#: wrapper that switches to the rabbitmq user through su).
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+class RabbitMQServer:
+    """A private ``rabbitmq-server`` node on 127.0.0.1:<free port>, with its own epmd.
+
+    Runs as the ``rabbitmq`` user when started by root (Debian's package runs it so),
+    else as the current user. Everything it writes is under ``workdir``; ``restart()``
+    starts the same node on the same data, so durable queues and persistent
+    messages survive it.
+
+    :param workdir: its folder (mnesia, logs, HOME with the Erlang cookie).
+    :param binary_dir: the folder of ``rabbitmq-server`` and ``rabbitmqctl``.
+    """
+
+    #: The running servers by AMQP port, so that helpers given only a URL find the node.
+    by_port: dict[int, RabbitMQServer] = {}
+
+    def __init__(self, workdir: Path, binary_dir: Path = RABBITMQ_BIN) -> None:
+        import pwd
+        import uuid
+
+        self.workdir = workdir
+        self.binary_dir = binary_dir
+        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
+        self.node = f"ftest-{uuid.uuid4().hex[:8]}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.user = pwd.getpwnam("rabbitmq") if os.geteuid() == 0 else None
+        for sub in ("mnesia", "log"):
+            (workdir / sub).mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            for path in (workdir, workdir / "mnesia", workdir / "log"):
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+            "HOME": str(workdir), "ERL_EPMD_PORT": str(self.epmd_port),
+            "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq"),  # none: no /etc config
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.epmd: subprocess.Popen[bytes] | None = None
+        self.started_in: float | None = None  # seconds the last start took
+
+    def _popen(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        user = {} if self.user is None else {
+            "user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        return subprocess.Popen(cmd, env=self.env, cwd=self.workdir, start_new_session=True,
+                                **user, **kw)
+
+    def _answers(self) -> bool:
+        from kombu import Connection
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"rabbitmq-server exited with {self.proc.returncode}:\n"
+                                 f"{self.log_tail()}")
+        try:
+            with Connection(self.url, connect_timeout=1) as conn:
+                conn.connect()
+            return True
+        except Exception:  # noqa: BLE001 - refused, reset, not ready yet: all mean "not yet"
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of its log and of its stdout/stderr."""
+        parts = []
+        for path in [*sorted((self.workdir / "log").glob("*.log")), self.workdir / "stdout.log"]:
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path}\n" + "\n".join(text))
+        return "\n".join(parts) or "(no log written)"
+
+    def start(self, timeout: float = 60.0) -> RabbitMQServer:
+        """Start the node (and its epmd, once) and wait until AMQP connections succeed."""
+        begin = time.monotonic()
+        if self.epmd is None:
+            self.epmd = self._popen(["epmd", "-port", str(self.epmd_port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.workdir / "stdout.log", "ab") as out:
+            self.proc = self._popen([str(self.binary_dir / "rabbitmq-server")],
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        RabbitMQServer.by_port[self.port] = self
+        try:
+            wait_for(self._answers, timeout=timeout, interval=0.2,
+                     message=f"rabbitmq-server {self.node} to accept AMQP on {self.port}")
+        except AssertionError as error:
+            self.stop()
+            raise AssertionError(f"{error}\n{self.log_tail()}") from None
+        self.started_in = time.monotonic() - begin
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the node's process group (a clean stop); SIGKILL if it hangs."""
+        if self.proc is None:
+            return
+        _end_group(self.proc, timeout)
+        self.proc = None
+
+    def close(self) -> None:
+        """Stop the node and its epmd: nothing of it is left running."""
+        self.stop()
+        if self.epmd is not None:
+            _end_group(self.epmd, 5)
+            self.epmd = None
+        RabbitMQServer.by_port.pop(self.port, None)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop and start the same node on the same data (durable queues survive)."""
+        self.stop()
+        self.start(timeout)
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> str:
+        """Run ``rabbitmqctl -n NODE ARGS`` as the node's user; its output."""
+        proc = self._popen([str(self.binary_dir / "rabbitmqctl"), "-n", self.node, "-q", *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} exited with "
+                                 f"{proc.returncode}:\n{out.decode(errors='replace')}")
+        return out.decode()
+
+    def add_vhost(self, name: str) -> str:
+        """A new virtual host ``name``, all permissions for guest; its AMQP URL."""
+        self.ctl("eval", f'ok = rabbit_vhost:add(<<"{name}">>, <<"tests">>), '
+                 f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, <<"{name}">>, '
+                 f'<<".*">>, <<".*">>, <<".*">>, <<"tests">>).')
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+
+    def delete_vhost(self, name: str) -> None:
+        self.ctl("delete_vhost", name)
+
+
+def _end_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the process group of ``proc`` (its session leader); SIGKILL after ``timeout``.
+
+    Then kills what is left of its descendants (beam.smp's erl_child_setup makes a
+    process group of its own).
+    """
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    for leftover in descendants:
+        try:
+            leftover.kill()
+        except psutil.Error:
+            continue
+
+
+def _rabbitmq_node(url: str) -> tuple[RabbitMQServer, str]:
+    """The :class:`RabbitMQServer` an ``amqp://`` URL points at, and the URL's vhost."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    server = RabbitMQServer.by_port.get(parts.port or 5672)
+    if server is None:
+        raise AssertionError(f"no RabbitMQServer of these tests listens on {parts.port}")
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return server, vhost
+
+
+def queue_length(url: str, name: str) -> int:
+    """How many messages wait (ready, not delivered) on queue ``name`` of the broker at
+    ``url``; 0 for a queue that does not exist. Redis: LLEN; amqp: a passive declare."""
+    if url.startswith("redis"):
+        import redis
+
+        return int(redis.Redis.from_url(url).llen(name))
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        try:
+            _, count, _ = conn.default_channel.queue_declare(name, passive=True)
+        except NotFound:
+            return 0
+        return int(count)
+
+
+def broker_settled(url: str, queue: str = "celery") -> bool:
+    """Nothing waits on ``queue`` and nothing delivered is unacknowledged.
+
+    Redis: the list and kombu's ``unacked`` hash are empty; RabbitMQ: the queue's
+    ready and unacknowledged counts are 0 (``rabbitmqctl list_queues``, ~0.4 s).
+    """
+    if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        return client.llen(queue) == 0 and client.hlen("unacked") == 0
+    server, vhost = _rabbitmq_node(url)
+    for line in server.ctl("list_queues", "-p", vhost, "--no-table-headers", "name",
+                           "messages_ready", "messages_unacknowledged").splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == queue:
+            return fields[1:] == ["0", "0"]
+    return True  # no such queue: nothing in it
+
+
+def first_message_headers(url: str, queue: str) -> dict[str, Any]:
+    """The headers of the first message waiting on ``queue``, left where it is
+    (amqp: fetched unacknowledged, back on the queue when the connection closes)."""
+    if url.startswith("redis"):
+        import json
+
+        import redis
+
+        raw = redis.Redis.from_url(url).lindex(queue, -1)  # LPUSH: the oldest is last
+        assert raw is not None, f"no message on {queue}"
+        return dict(json.loads(raw)["headers"])
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as conn:
+        message = conn.default_channel.basic_get(queue, no_ack=False)
+        assert message is not None, f"no message on {queue}"
+        return dict(message.headers)

@@ -16,11 +16,11 @@ from tests.helpers import wait_for
 APP = "tests.apps.basic:create_app"
 
 
-def test_revoked_before_any_worker_never_runs(basic_app: Flask, redis_env: dict[str, str],
-                                              start_worker, tmp_path: Path) -> None:
+def test_revoked_before_any_worker_never_runs(broker_app: Flask, broker_env: dict[str, str],
+                                               start_worker, tmp_path: Path) -> None:
     result = basic.record.delay("revoked", 0)
     result.revoke()  # no worker is running yet
-    start_worker(APP, "-c", "1", env=redis_env)
+    start_worker(APP, "-c", "1", env=broker_env)
     with pytest.raises(TaskRevokedError, match="not run"):
         result.get(timeout=10)
     assert result.state == states.REVOKED
@@ -28,9 +28,9 @@ def test_revoked_before_any_worker_never_runs(basic_app: Flask, redis_env: dict[
     assert not (tmp_path / "runs.txt").exists()
 
 
-def test_revoked_while_waiting_in_the_worker(basic_app: Flask, redis_env: dict[str, str],
-                                             start_worker, tmp_path: Path) -> None:
-    start_worker(APP, "-P", "threads", "-c", "1", env=redis_env)
+def test_revoked_while_waiting_in_the_worker(broker_app: Flask, broker_env: dict[str, str],
+                                              start_worker, tmp_path: Path) -> None:
+    start_worker(APP, "-P", "threads", "-c", "1", env=broker_env)
     busy = basic.sleep.delay(1.5)
     wait_for(lambda: busy.state == states.STARTED, timeout=10, message="busy")
     waiting = basic.record.delay("waiting", 0)  # prefetched behind the sleeping task
@@ -41,9 +41,9 @@ def test_revoked_while_waiting_in_the_worker(basic_app: Flask, redis_env: dict[s
     assert not (tmp_path / "runs.txt").exists()
 
 
-def test_terminate_stops_a_running_task(basic_app: Flask, redis_env: dict[str, str],
-                                        start_worker) -> None:
-    start_worker(APP, "-P", "prefork", "-c", "1", env=redis_env)
+def test_terminate_stops_a_running_task(broker_app: Flask, broker_env: dict[str, str],
+                                         start_worker) -> None:
+    start_worker(APP, "-P", "prefork", "-c", "1", env=broker_env)
     before = basic.pid.delay().get(timeout=10)
     running = basic.sleep.delay(30)
     wait_for(lambda: running.state == states.STARTED, timeout=10, message="started")
