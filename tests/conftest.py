@@ -110,18 +110,37 @@ def broker(request: pytest.FixtureRequest, redis_url: str) -> str:
 
 
 @pytest.fixture()
-def broker_app(broker: str, redis_url: str, tmp_path: Path,
-               monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    """``tests.apps.basic`` on ``broker``, results in Redis, instance ``tmp_path``, in an
-    app context."""
+def basic_app_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``basic_app_on(broker, backend, config=None)``: ``tests.apps.basic`` on that broker
+    and result backend (None: the embedded default), ``TEST_CONFIG`` ``config`` (JSON),
+    instance folder ``tmp_path``, in an app context (popped at the end)."""
     from tests.apps import basic
 
-    monkeypatch.setenv("TEST_BROKER_URL", broker)
-    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    app = basic.create_app()
-    with app.app_context():
-        yield app
+    contexts: list[Any] = []
+
+    def make(broker: str | None, backend: str | None, config: str | None = None) -> Flask:
+        for key, value in (("TEST_BROKER_URL", broker), ("TEST_RESULT_BACKEND", backend),
+                           ("TEST_CONFIG", config)):
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, value)
+        monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
+        app = basic.create_app()
+        contexts.append(app.app_context())
+        contexts[-1].push()
+        return app
+
+    yield make
+    for context in reversed(contexts):
+        context.pop()
+
+
+@pytest.fixture()
+def broker_app(broker: str, redis_url: str, basic_app_on: Any) -> Flask:
+    """``tests.apps.basic`` on ``broker``, results in Redis, instance ``tmp_path``, in an
+    app context."""
+    return basic_app_on(broker, redis_url)  # type: ignore[no-any-return]
 
 
 @pytest.fixture()
@@ -155,16 +174,9 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture()
-def basic_app(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+def basic_app(redis_url: str, basic_app_on: Any) -> Flask:
     """``tests.apps.basic`` on the test's Redis, instance folder ``tmp_path``, in an app context."""
-    from tests.apps import basic
-
-    monkeypatch.setenv("TEST_BROKER_URL", redis_url)
-    monkeypatch.setenv("TEST_RESULT_BACKEND", redis_url)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    app = basic.create_app()
-    with app.app_context():
-        yield app
+    return basic_app_on(redis_url, redis_url)  # type: ignore[no-any-return]
 
 
 @pytest.fixture()

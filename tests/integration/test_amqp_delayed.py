@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -30,13 +29,8 @@ def env(rabbitmq_vhost: str, redis_url: str) -> dict[str, str]:
 
 
 @pytest.fixture()
-def amqp_app(env: dict[str, str], tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
-    for key, value in {**env, "TEST_INSTANCE_PATH": str(tmp_path)}.items():
-        monkeypatch.setenv(key, value)
-    app = basic.create_app()
-    with app.app_context():
-        yield app
+def amqp_app(rabbitmq_vhost: str, redis_url: str, basic_app_on: Any) -> Flask:
+    return basic_app_on(rabbitmq_vhost, redis_url)  # type: ignore[no-any-return]
 
 
 def on_the_ladder(url: str) -> int:

@@ -44,7 +44,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -705,15 +704,9 @@ def fuzz(broker: Broker, store: DeadLetters | None, worker: WorkerProcess,
 
 # -- the tests ---------------------------------------------------------------------------
 @pytest.fixture()
-def embedded_fuzz_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+def embedded_fuzz_app(basic_app_on: Any) -> Flask:
     """``tests.apps.basic`` on the embedded default, with the fuzz config, in an app context."""
-    monkeypatch.delenv("TEST_BROKER_URL", raising=False)
-    monkeypatch.delenv("TEST_RESULT_BACKEND", raising=False)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    monkeypatch.setenv("TEST_CONFIG", CONFIG)
-    app = basic.create_app()
-    with app.app_context():
-        yield app
+    return basic_app_on(None, None, CONFIG)  # type: ignore[no-any-return]
 
 
 @pytest.mark.timeout(600)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -100,15 +100,9 @@ def test_redis_worker_paused_then_killed_loses_no_acks_late_task(
 
 
 @pytest.fixture()
-def embedded_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+def embedded_app(basic_app_on: Any) -> Flask:
     """``tests.apps.basic`` on the embedded default, leases of ``VISIBILITY`` seconds."""
-    monkeypatch.delenv("TEST_BROKER_URL", raising=False)
-    monkeypatch.delenv("TEST_RESULT_BACKEND", raising=False)
-    monkeypatch.setenv("TEST_INSTANCE_PATH", str(tmp_path))
-    monkeypatch.setenv("TEST_CONFIG", CONFIG)
-    app = basic.create_app()
-    with app.app_context():
-        yield app
+    return basic_app_on(None, None, CONFIG)  # type: ignore[no-any-return]
 
 
 @pytest.mark.timeout(120)
