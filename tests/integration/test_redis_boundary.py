@@ -251,3 +251,23 @@ def test_a_server_refusing_tracking_falls_back_to_brpop(
         assert conn.default_channel.wake.available is False
     finally:
         client.execute_command("ACL", "DELUSER", "limited")
+
+
+def test_a_notification_read_after_disarming_is_not_taken_for_a_brpop_reply(
+        connect: Any) -> None:
+    """A notification sent before the last disarm took effect arrives on the subscribed
+    connection while the channel is busy; kombu's poller hands it to the read handler."""
+    from queue import Empty
+
+    conn = connect()
+    channel = conn.default_channel
+    consumer = Consumer(channel, queues=[QUEUE], accept=["json"], on_message=lambda m: None)
+    consumer.consume()
+    with pytest.raises(TimeoutError):
+        conn.drain_events(timeout=0.3)  # armed, waiting
+    publish(connect(), 1)  # its notification is now in the subscribed connection
+    time.sleep(0.1)
+    channel.wake.armed = False  # as if disarmed after the notification was sent
+    with pytest.raises(Empty):
+        channel._brpop_read()  # read and ignored, never parsed as a BRPOP reply
+    assert [m.payload["n"] for m in consume(connect(), want=1)] == [0]  # still in the queue

@@ -241,16 +241,19 @@ class Channel(kombu_redis.Channel, WorkerChannel):
         # Before a wait that will probably block, send the buffered acks;
         # while messages keep coming they ride along with the next reservation.
         self.flush_acks(0.0 if self._queue_drained else ACK_MAX_AGE)
-        if self.wake.waiting():  # armed by Poller.get: nothing is popped while waiting
-            self._in_poll = self.client.connection
-            self._brpop_sent_at = None  # no reply to wait for
+        if self.wake.available:  # the connection is subscribed: never BRPOP on it
+            if self.wake.armed:  # armed by Poller.get: nothing is popped while waiting
+                self._in_poll = self.client.connection
+                self._brpop_sent_at = None  # no reply to wait for
             return
         kombu_redis.Channel._brpop_start(self, timeout)
 
     def _brpop_read(self, **options: Any) -> bool:
-        if self.wake.waiting():
+        if self.wake.available:  # only notifications arrive on the subscribed connection
+            armed = self.wake.armed
             self._in_poll = None  # type: ignore[assignment]
-            if not self.wake.woken():
+            # Read them even when not armed (sent before the last disarm took effect).
+            if not (self.wake.woken() and armed):
                 raise Empty()
             self.wake.disarm()
             if not self.reserve_now():
