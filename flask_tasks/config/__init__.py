@@ -84,10 +84,9 @@ class Config:
     @property
     def transport_options(self) -> dict[str, Any]:
         """kombu transport options: ``TASKS_BROKER_TRANSPORT_OPTIONS`` over the dead-letter
-        and message-size settings (``dead_letter_max_entries``, ``dead_letter_max_age``,
-        ``max_message_size``), which flask_tasks' transports read."""
+        and message-size settings (``dead_letter_max_entries``, ``max_message_size``),
+        which flask_tasks' transports read."""
         return {"dead_letter_max_entries": self.dead_letter_max_entries,
-                "dead_letter_max_age": self.dead_letter_max_age,
                 "max_message_size": self.broker_max_message_size,
                 **(self.broker_transport_options or {})}
 

@@ -19,7 +19,7 @@ __all__ = ["OWN_OPTIONS", "BrokerConnection", "broker_connection", "mask_url"]
 
 #: Transport options only flask_tasks' transports (Redis, embedded) read; not
 #: given to kombu's others (py-amqp passes its options on to the socket layer).
-OWN_OPTIONS = ("dead_letter_max_entries", "dead_letter_max_age", "max_message_size")
+OWN_OPTIONS = ("dead_letter_max_entries", "max_message_size")
 
 
 def mask_url(url: str | None) -> str:

@@ -102,12 +102,9 @@ class Channel(polling.Channel, WorkerChannel):
     QoS = QoS
     from_transport_options = (*virtual.Channel.from_transport_options,  # type: ignore[assignment]
                               "visibility_timeout", "busy_timeout", "housekeeping_interval",
-                              "dead_letter_max_entries", "dead_letter_max_age",
-                              "max_message_size")
+                              "dead_letter_max_entries", "max_message_size")
     #: Most dead letters kept per queue (None: no limit).
     dead_letter_max_entries: int | None = MAX_ENTRIES
-    #: Seconds a dead letter is kept (the worker's housekeeping trims; None: no limit).
-    dead_letter_max_age: float | None = None
     #: Largest entry taken, bytes; a larger one is set aside.
     max_message_size: int = MAX_MESSAGE_SIZE
     #: Seconds a delivered message stays leased without renewal.

@@ -20,7 +20,7 @@ from kombu.utils.json import dumps, loads
 from ..._redis import round_trip
 from ...protocol import envelope_eta
 from ..base import ACK_MAX_AGE, Detached, WorkerChannel
-from ..dead_letters import MAX_ENTRIES, encode_record
+from ..dead_letters import DEAD_SUFFIX, MAX_ENTRIES, encode_record
 from ..envelope import MAX_MESSAGE_SIZE, BadEnvelope, check_envelope
 from . import scripts
 from .dead_letters import RedisDeadLetters
@@ -54,11 +54,9 @@ class Channel(kombu_redis.Channel, WorkerChannel):
     settles_by_tag: ClassVar[bool] = True
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
-        "dead_letter_max_entries", "dead_letter_max_age", "max_message_size")
+        "dead_letter_max_entries", "max_message_size")
     #: Most dead letters kept per queue (None: no limit).
     dead_letter_max_entries: int | None = MAX_ENTRIES
-    #: Seconds a dead letter is kept (the worker's housekeeping trims; None: no limit).
-    dead_letter_max_age: float | None = None
     #: Largest entry taken, bytes; a larger one is set aside.
     max_message_size: int = MAX_MESSAGE_SIZE
     _wake: Wake | None = None
@@ -141,10 +139,13 @@ class Channel(kombu_redis.Channel, WorkerChannel):
         virtual.QoS.ack(self.qos, tag)  # settled here: nothing left to ack or restore
         return True
 
+    def _dead_key(self, queue: str) -> str:
+        return queue + self.sep + DEAD_SUFFIX
+
     def _set_aside_recorded(self, queue: str,
                             entries: list[tuple[bytes, str | bytes, str]]) -> None:
         """Move recorded (unacked) entries to the dead letters: ``(raw, delivery tag, reason)``."""
-        qos, key = self.qos, self.dead_letters.key(queue)
+        qos, key = self.qos, self._dead_key(queue)
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         ids = []
         for raw, tag, reason in entries:
@@ -337,7 +338,7 @@ class Channel(kombu_redis.Channel, WorkerChannel):
         """
         qos = self.qos
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
-        keys += [qos.unacked_key, qos.unacked_index_key, self.dead_letters.key(queue)]
+        keys += [qos.unacked_key, qos.unacked_index_key, self._dead_key(queue)]
         acks = qos.take_acks()
         max_dead = -1 if self.dead_letter_max_entries is None else self.dead_letter_max_entries
         with self.conn_or_acquire() as client:

@@ -70,10 +70,6 @@ class Wake:
         self._client_id: int | None = None
         self._keys: set[bytes] = set()
 
-    def waiting(self) -> bool:
-        """Whether the channel waits on notifications now (armed), not on ``BRPOP``."""
-        return self.armed
-
     def _listener(self) -> Any:
         """The channel's waiting connection (kombu's ``BRPOP`` one), subscribed."""
         client = self.channel.client
