@@ -61,7 +61,8 @@ class AppState:
         if (config.result_backend or "").lower().startswith("flask-sqlalchemy"):
             engine_factory = self._flask_sqlalchemy_engine
         # Built now so a bad RESULT_BACKEND fails in init_app; it connects on first use.
-        self._backend: Backend = make_backend(config.result_backend, config, engine_factory)
+        self._backend: Backend = make_backend(config.result_backend, config, engine_factory,
+                                              broker_url=self.broker_url)
 
     @property
     def backend(self) -> Backend:
@@ -135,7 +136,9 @@ class AppState:
             return self.apply_eagerly(local, tuple(args or ()), dict(kwargs or {}),
                                       task_id=options.get("task_id"))
         call = resolve(options, task, config, current_request.get())
-        message = call.message(name, args, kwargs)
+        reply_to = call.reply_to if call.reply_to is not None \
+            else self.backend.on_task_call(call.task_id)
+        message = call.message(name, args, kwargs, reply_to)
         queue = self.router.queue(self.router.queue_name(name, args, kwargs, {"queue": call.queue}))
         send_robust(before_task_publish, name, body=message.body_tuple,
                     exchange=queue.exchange.name, routing_key=queue.routing_key,

@@ -5,6 +5,7 @@ The hierarchy::
     Exception
     └── TasksError
         ├── ImproperlyConfigured        bad or missing configuration
+        │   └── ResultNotAvailable      rpc://: only the process that sent a task reads its result
         ├── NotRegistered               (also a KeyError) unknown task name
         ├── EncodeError                 arguments/result the serializer cannot encode
         ├── DecodeError                 a message or result that cannot be decoded
@@ -36,6 +37,11 @@ class TasksError(Exception):
 
 class ImproperlyConfigured(TasksError):
     """The configuration is missing or wrong; the message says what to change."""
+
+
+class ResultNotAvailable(ImproperlyConfigured):
+    """``RESULT_BACKEND = "rpc://"``: this process did not send the task, so its result
+    never comes here (results are messages to the sender's own reply queue)."""
 
 
 class NotRegistered(TasksError, KeyError):

@@ -84,6 +84,9 @@ class RetryOptions(TypedDict, total=False):
     group_index: int | None
     chain: list[Any] | None
     chord: Any
+    #: Where the worker sends the task's states (``rpc://``). Default: this
+    #: process's reply queue when RESULT_BACKEND is ``rpc://``, else none.
+    reply_to: str | None
 
 
 class CallOptions(RetryOptions, total=False):
@@ -209,10 +212,14 @@ class ResolvedOptions(NamedTuple):
     group_index: int | None = None
     chain: list[Any] | None = None
     chord: Any = None
+    #: The call's ``reply_to``; None: the backend's (:meth:`Backend.on_task_call`).
+    reply_to: str | None = None
 
     def message(self, name: str, args: Sequence[Any] | None,
-                kwargs: Mapping[str, Any] | None) -> Message:
+                kwargs: Mapping[str, Any] | None, reply_to: str = "") -> Message:
         """Build and encode the task message for this call.
+
+        :param reply_to: the message's ``reply_to`` property.
 
         :raises flask_tasks.exceptions.EncodeError: the serializer cannot encode the arguments.
         :raises ValueError: ``headers`` would replace protocol headers.
@@ -224,6 +231,7 @@ class ResolvedOptions(NamedTuple):
             time_limit=self.time_limit, soft_time_limit=self.soft_time_limit,
             callbacks=self.callbacks, errbacks=self.errbacks, chain=self.chain,
             chord=self.chord, ignore_result=self.ignore_result, extra_headers=self.headers,
+            reply_to=reply_to,
         )
 
 
@@ -269,6 +277,7 @@ def resolve(options: CallOptions, task: TaskDefaults | None, config: Config,
         group_index=call.get("group_index"),
         chain=call.get("chain"),
         chord=call.get("chord"),
+        reply_to=call.get("reply_to"),
     )
 
 
@@ -286,6 +295,7 @@ def retry_options(request: Context, retries: int, countdown: float | None,
         "task_id": request.id, "retries": retries, "expires": request.expires,
         "time_limit": hard, "soft_time_limit": soft,
         "root_id": request.root_id, "parent_id": request.parent_id,
+        "reply_to": request.reply_to or "",  # the states still go to the first caller
     }
     clash = sorted(again.keys() & options.keys())
     if clash:

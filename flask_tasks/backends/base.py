@@ -208,11 +208,15 @@ class Backend:
         request: Any = None,
         extended: bool = False,
         defer: bool = False,
+        reply_to: str | None = None,
     ) -> None:
         """Store ``state`` and ``result`` (a value, an exception or a meta dict).
 
         :param defer: the write may wait for :meth:`flush` when :attr:`batching`
             is on (the worker uses it for final states only, never for progress).
+        :param reply_to: the task message's ``reply_to`` property, when no
+            ``request`` is given: where ``rpc://`` sends the state (other
+            backends ignore it).
         :raises EncodeError: ``result`` cannot be encoded; nothing is stored.
         """
         meta = self.make_meta(task_id, result, state, traceback, request, extended)
@@ -231,6 +235,15 @@ class Backend:
 
         Retried like every write; what could not be written stays queued.
         """
+
+    def on_task_call(self, task_id: str) -> str:
+        """Called for each task message this process sends, before it is sent.
+
+        :returns: the message's ``reply_to``: ``""`` except where results come
+            back to the caller (``rpc://``: this process's reply queue, declared
+            on the first call).
+        """
+        return ""
 
     def get_task_meta(self, task_id: str) -> dict[str, Any]:
         """Return the stored meta, or a PENDING meta for an unknown id."""

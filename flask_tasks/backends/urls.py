@@ -15,7 +15,8 @@ EMBEDDED_RESULTS_FILE = "flask_tasks-results.sqlite"
 
 
 def make_backend(url: str | None, config: Config,
-                 engine_factory: Callable[[], Any] | None = None) -> Backend:
+                 engine_factory: Callable[[], Any] | None = None,
+                 broker_url: str | None = None) -> Backend:
     """Create the result backend named by ``RESULT_BACKEND`` (no I/O yet).
 
     Each backend module is imported only when a URL names it, so an app on
@@ -26,8 +27,10 @@ def make_backend(url: str | None, config: Config,
     :param config: the app's settings (serializer, expiry, write retries).
     :param engine_factory: returns the app's Flask-SQLAlchemy engine, for
         ``RESULT_BACKEND = 'flask-sqlalchemy'`` (called on first use).
+    :param broker_url: the app's broker URL, for ``rpc://`` (which sends results
+        through RabbitMQ; ``None`` or another broker is an error).
     :raises ImproperlyConfigured: the URL's scheme is not one we support, or
-        what it needs (an instance folder, Flask-SQLAlchemy) is missing.
+        what it needs (an instance folder, Flask-SQLAlchemy, RabbitMQ) is missing.
     """
     common: dict[str, Any] = {
         "serializer": config.result_serializer,
@@ -61,11 +64,18 @@ def make_backend(url: str | None, config: Config,
         from .sql import SQLBackend  # imported when configured
 
         return SQLBackend(engine_factory=engine_factory, **common)
+    if scheme == "rpc":
+        from .rpc import RPCBackend  # imported when configured
+
+        return RPCBackend(broker_url, transport_options=config.transport_options,
+                          connect_timeout=config.broker_connection_timeout,
+                          revokes_expires=config.revokes_expires, **common)
     if scheme == "disabled":
         return DisabledBackend(**common)
     raise ImproperlyConfigured(
         f"RESULT_BACKEND {url.split('://')[0]!r} is not supported. Use 'redis://host:port/db', "
         f"'rediss://...', 'db+<sqlalchemy url>' (e.g. 'db+postgresql://...'), "
-        f"'flask-sqlalchemy' (the app's database), 'disabled', or leave it unset for the "
+        f"'flask-sqlalchemy' (the app's database), 'rpc://' (back to the caller over "
+        f"RabbitMQ), 'disabled', or leave it unset for the "
         f"embedded default."
     )

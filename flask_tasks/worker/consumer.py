@@ -313,7 +313,8 @@ class Consumer:
         ignore = task.ignore_result if task.ignore_result is not None else config.ignore_result
         if track and not (ignore or headers.ignore_result) and not self.state.backend.disabled:
             try:
-                self.state.backend.store_result(task_id, None, states.RECEIVED)
+                self.state.backend.store_result(task_id, None, states.RECEIVED,
+                                                reply_to=message.properties.get("reply_to"))
             except Exception:  # informational: the task still runs
                 logger.exception("Could not store the reception of task %s[%s]", name, task_id)
         send_robust(task_received, self.sender, request=message.headers)
@@ -352,7 +353,8 @@ class Consumer:
         if store and task_id is not None:
             error = failure if failure is not None else refusal(BadMessage(reason))
             try:
-                self.state.backend.store_result(task_id, error, states.FAILURE, str(error))
+                self.state.backend.store_result(task_id, error, states.FAILURE, str(error),
+                                                reply_to=message.properties.get("reply_to"))
             except Exception:
                 logger.exception("Could not store the failure of %s", task_id)
         action = DEAD_LETTER if self.state.config.dead_letter_rejected else REJECT

@@ -251,7 +251,7 @@ class Dispatcher:
                 self.revokes.report(delivery.name, delivery.task_id, True, delivery.message)
                 action = ACK
             elif action == LOST and delivery.timed_out:
-                self._worker_lost(delivery.name, delivery.task_id, "", TimeLimitExceeded(
+                self._worker_lost(delivery, "", TimeLimitExceeded(
                     f"Task {delivery.name}[{delivery.task_id}] ran past its time limit of "
                     f"{delivery.time_limit} s; its process was killed."))
                 action = ACK
@@ -259,7 +259,7 @@ class Dispatcher:
                 if delivery.again_if_lost:
                     self._deliver_again(delivery, outcome.reason or "")
                 else:
-                    self._worker_lost(delivery.name, delivery.task_id, outcome.reason or "")
+                    self._worker_lost(delivery, outcome.reason or "")
                 action = ACK
             elif action == REFUSE:  # refused for its content: FAILURE is stored already
                 logger.error("%s", outcome.reason or f"Rejected task {delivery.name}"
@@ -288,7 +288,7 @@ class Dispatcher:
         lost = _lost_count(message.headers.get(LOST_HEADER)) + 1
         limit = self.state.config.poison_max_deliveries
         if lost >= limit:
-            self._worker_lost(delivery.name, delivery.task_id,
+            self._worker_lost(delivery,
                               f"{reason}; the task killed its process {lost} times, so it is "
                               f"not delivered again (TASKS_POISON_MAX_DELIVERIES={limit})")
             return
@@ -306,19 +306,22 @@ class Dispatcher:
         except Exception as exc:
             logger.exception("Could not deliver task %s[%s] again", delivery.name,
                              delivery.task_id)
-            self._worker_lost(delivery.name, delivery.task_id,
+            self._worker_lost(delivery,
                               f"{reason}; it could not be delivered again ({exc!r:.200})")
             return
         logger.warning("Task %s[%s] will run again (%s; %d of %d)", delivery.name,
                        delivery.task_id, reason, lost, limit)
 
-    def _worker_lost(self, name: str, task_id: str, reason: str,
+    def _worker_lost(self, delivery: Delivery, reason: str,
                      exc: BaseException | None = None) -> None:
+        name, task_id = delivery.name, delivery.task_id
         exc = exc or WorkerLostError(reason)
         reason = reason or str(exc)
         logger.error("Task %s[%s] failed: %s", name, task_id, reason)
         try:
-            self.state.backend.store_result(task_id, exc, states.FAILURE, reason)
+            self.state.backend.store_result(
+                task_id, exc, states.FAILURE, reason,
+                reply_to=_as_dict(delivery.message.properties).get("reply_to"))
         except Exception:
             logger.exception("Could not store the failure of %s", task_id)
 

@@ -69,7 +69,7 @@ def run_job(app: Flask, state: AppState, job: Job, hostname: str | None = None) 
                          task_id or "no id", job.tag)
         reason = f"Internal error of the worker running task {name or '?'}[{task_id}]: {exc!r}"
         if task_id is not None:
-            _store_failure(state, task_id, exc, reason)
+            _store_failure(state, task_id, exc, reason, job)
         return Outcome(tag=job.tag, state=states.FAILURE, action=ACK, reason=reason, exc=exc)
 
 
@@ -80,13 +80,13 @@ def _run_job(app: Flask, state: AppState, job: Job, hostname: str | None) -> Out
     except BadMessage as exc:
         failure = refusal(exc)
         if exc.task_id is not None:
-            _store_failure(state, exc.task_id, failure, str(failure))
+            _store_failure(state, exc.task_id, failure, str(failure), job)
         return Outcome(tag=job.tag, state=states.REJECTED, action=REFUSE, exc=failure,
                        reason=f"Rejected {label(exc.name, exc.task_id)}: {exc}")
     task = state.get_task(request.task)
     if task is None:
         error = NotRegistered(unknown_task_message(request.task, len(state.task_names())))
-        _store_failure(state, request.id, error, str(error))
+        _store_failure(state, request.id, error, str(error), job)
         return Outcome(tag=job.tag, state=states.REJECTED, action=REFUSE, exc=error,
                        reason=f"Rejected task {request.task}[{request.id}]: {error}")
     outcome = trace_task(app, state, task, request, hostname=hostname)
@@ -110,8 +110,10 @@ def label(name: str | None, task_id: str | None) -> str:
     return f"task {name}[{task_id}]" if name else f"message {task_id}"
 
 
-def _store_failure(state: AppState, task_id: str, exc: BaseException, reason: str) -> None:
+def _store_failure(state: AppState, task_id: str, exc: BaseException, reason: str,
+                   job: Job) -> None:
     try:
-        state.backend.store_result(task_id, exc, states.FAILURE, reason)
+        state.backend.store_result(task_id, exc, states.FAILURE, reason,
+                                   reply_to=job.properties.get("reply_to"))
     except Exception:
         logger.exception("Could not store the failure of %s", task_id)

@@ -65,7 +65,8 @@ class Revokes:
                                + ("; its process was killed." if terminated else ": not run."))
         logger.warning("%s", exc)
         try:
-            self.state.backend.store_result(task_id, exc, states.REVOKED, str(exc))
+            self.state.backend.store_result(task_id, exc, states.REVOKED, str(exc),
+                                            reply_to=message.properties.get("reply_to"))
         except Exception:
             logger.exception("Could not store the revocation of %s", task_id)
         task = self.state.get_task(name)

@@ -1,7 +1,8 @@
 """A plain Celery app for the interoperability tests (test-only: celery is a test extra).
 
 It defines tasks with the same names as ``tests.apps.basic`` so a real Celery
-worker can run what flask_tasks publishes. Broker and backend: ``TEST_BROKER_URL``.
+worker can run what flask_tasks publishes. Broker and backend: ``TEST_BROKER_URL``
+(the backend ``TEST_RESULT_BACKEND`` when set, e.g. ``rpc://``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from celery import Celery
 
 url = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
-app = Celery("celery_side", broker=url, backend=url)
+app = Celery("celery_side", broker=url, backend=os.environ.get("TEST_RESULT_BACKEND") or url)
 app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
 
 

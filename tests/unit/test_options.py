@@ -143,10 +143,12 @@ def test_apply_async_and_send_task_refuse_unknown_options(tmp_path: Path) -> Non
 
 def test_retry_options_keep_the_call_and_refuse_their_own_keys() -> None:
     request = Context(id="i", task="t", retries=1, root_id="r", parent_id="p",
-                      timelimit=(9.0, 8.0), delivery_info={"routing_key": "hipri"})
+                      timelimit=(9.0, 8.0), delivery_info={"routing_key": "hipri"},
+                      reply_to="caller-oid")
     again = retry_options(request, 2, 10.0, None, {"priority": 3})
     assert again == {"task_id": "i", "retries": 2, "expires": None, "time_limit": 9.0,
                      "soft_time_limit": 8.0, "root_id": "r", "parent_id": "p",
+                     "reply_to": "caller-oid",  # rpc:// states still go to the first caller
                      "queue": "hipri", "priority": 3, "countdown": 10.0, "eta": None}
     assert retry_options(request, 2, 10.0, None, {"queue": "other"})["queue"] == "other"
     with pytest.raises(TypeError, match=r"\['task_id'\]"):
