@@ -40,6 +40,9 @@ class Job:
     content_encoding: str
     properties: dict[str, Any]
     delivery_info: dict[str, Any]
+    #: Stamped by the pool: jobs of a generation older than the pool's
+    #: :meth:`~.pools.Pool.skip_queued` mark come back SKIPPED, unstarted.
+    generation: int = 0
 
 
 def run_job(app: Flask, state: AppState, job: Job, hostname: str | None = None) -> Outcome:

@@ -12,6 +12,8 @@ Every pool has the same small interface, driven by the worker's main loop
     collect(timeout)        outcomes of finished jobs; waits up to ``timeout``
                             seconds when none are ready (0: never waits)
     begin_shutdown()        stop starting queued jobs: they come back SKIPPED
+    skip_queued()           jobs queued so far will not start: they come back
+                            SKIPPED (their broker connection was lost)
     stop(cold)              end the pool; cold kills running jobs
     terminate_job(tag)      kill the process running a job (False: cannot)
 
@@ -61,6 +63,7 @@ class Pool(Protocol):
     def started(self) -> list[int]: ...
     def collect(self, timeout: float) -> list[Outcome]: ...
     def begin_shutdown(self) -> None: ...
+    def skip_queued(self) -> None: ...
     def stop(self, cold: bool = False) -> None: ...
     def terminate_job(self, tag: int) -> bool: ...
 
@@ -103,6 +106,9 @@ class SoloPool:
 
     def begin_shutdown(self) -> None:
         return None
+
+    def skip_queued(self) -> None:
+        return None  # runs each job as it is submitted: none is queued
 
     def stop(self, cold: bool = False) -> None:
         return None
@@ -156,6 +162,9 @@ class ThreadPool:
 
     def begin_shutdown(self) -> None:
         return None
+
+    def skip_queued(self) -> None:
+        return None  # an idle thread takes each job at once: none is queued
 
     def collect(self, timeout: float) -> list[Outcome]:
         done: list[Outcome] = []

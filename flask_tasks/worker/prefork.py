@@ -103,7 +103,7 @@ class _Slots:
 
 
 def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, slots: _Slots,
-                stopping: Any, runner: Runner, flush: Callable[[], None] | None,
+                stopping: Any, stale: Any, runner: Runner, flush: Callable[[], None] | None,
                 max_tasks: int | None, on_start: Callable[[], None] | None,
                 inherited: list[Connection]) -> None:
     # Signals are for the main process, which decides warm or cold shutdown
@@ -142,7 +142,8 @@ def _child_main(index: int, jobs: Connection, lock: Any, conn: Connection, slots
             continue
         if job is None:
             break
-        if stopping.value:  # warm shutdown: hand queued jobs back unstarted
+        if stopping.value or job.generation < stale.value:
+            # warm shutdown, or the connection it came on is gone: hand it back unstarted
             reports.append((job.tag, "SKIPPED", SKIP, None, 0.0, False))
             continue
         name = job.headers.get("task") if isinstance(job.headers, dict) else None
@@ -212,6 +213,9 @@ class PreforkPool:
         self._jobs_lock = self._ctx.Lock()
         self._slots = _Slots(self._ctx, limit)
         self._stopping = self._ctx.Value("b", 0, lock=False)
+        # Jobs stamped with a generation below this are skipped (skip_queued).
+        self._stale = self._ctx.Value("q", 0, lock=False)
+        self._generation = 0
         self._children: dict[int, _Child] = {}
         self._by_conn: dict[Any, _Child] = {}
         self._by_sentinel: dict[int, _Child] = {}
@@ -224,7 +228,7 @@ class PreforkPool:
         process = self._ctx.Process(
             target=_child_main, name=f"ForkPoolWorker-{index + 1}",
             args=(index, self._jobs_out, self._jobs_lock, child_conn, self._slots,
-                  self._stopping, self.runner, self.flush, self.max_tasks_per_child,
+                  self._stopping, self._stale, self.runner, self.flush, self.max_tasks_per_child,
                   self.on_child_start,
                   # the job pipe's write end too: a child holding it would never see EOF
                   [self._jobs_in, *(c.conn for c in self._children.values())]),
@@ -253,7 +257,14 @@ class PreforkPool:
 
     def submit(self, job: Job) -> None:
         self._outstanding.add(job.tag)
+        job.generation = self._generation
         self._jobs_in.send(job)
+
+    def skip_queued(self) -> None:
+        """Jobs submitted so far that no child has started will not start: they come
+        back SKIPPED. For a lost broker connection that redelivers them by itself."""
+        self._generation += 1
+        self._stale.value = self._generation
 
     def started(self) -> list[int]:
         return [tag for index in self._children for tag in self._slots.of(index)]
