@@ -27,6 +27,7 @@ from .routing import Router
 from .signals import after_task_publish, before_task_publish, send_robust
 from .task import Task, current_request
 from .trace import trace_task
+from .transport.delays import is_amqp_url
 from .transport.embedded import url_for_path
 
 #: The embedded broker's SQLite file, in ``TASKS_EMBEDDED_DIR`` (the app's instance folder).
@@ -45,7 +46,6 @@ class AppState:
         self.registry = registry
         self.config = config
         self.import_name = app.import_name
-        self.router = Router(config.routes, config.default_queue)
         self.accept = accept_set(config.accept_content)
         if config.broker_url:
             self.broker_url = config.broker_url
@@ -55,6 +55,8 @@ class AppState:
             raise ImproperlyConfigured("BROKER_URL is unset and the app has no instance path "
                                        "for the embedded broker; set BROKER_URL.")
         self.broker_is_embedded = not config.broker_url
+        self.router = Router(config.routes, config.default_queue,
+                             config.queue_arguments if is_amqp_url(self.broker_url) else None)
         self._app_ref = weakref.ref(app)
         self._publisher: Publisher | None = None
         engine_factory = None

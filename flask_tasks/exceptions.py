@@ -8,6 +8,7 @@ The hierarchy::
         │   └── ResultNotAvailable      rpc://: only the process that sent a task reads its result
         ├── NotRegistered               (also a KeyError) unknown task name
         ├── EncodeError                 arguments/result the serializer cannot encode
+        ├── PublishRefused              the broker refused a task message (RabbitMQ's nack)
         ├── DecodeError                 a message or result that cannot be decoded
         ├── TimeoutError                (also builtins.TimeoutError) AsyncResult.get() gave up
         ├── TaskRevokedError            the task was revoked
@@ -53,6 +54,12 @@ class NotRegistered(TasksError, KeyError):
 
 class EncodeError(TasksError):
     """A value could not be encoded by the serializer; nothing was sent."""
+
+
+class PublishRefused(TasksError):
+    """The broker refused a task message: RabbitMQ answered a publisher confirm with a
+    nack (a queue's length limit with ``overflow: reject-publish``, a resource alarm).
+    The message was not queued; the caller decides whether to try again later."""
 
 
 class DecodeError(TasksError):

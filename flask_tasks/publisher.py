@@ -17,8 +17,9 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Producer
 
+from .exceptions import ImproperlyConfigured, PublishRefused
 from .protocol import Message, envelope_eta
-from .transport.connect import broker_connection
+from .transport.connect import broker_connection, login_refused
 from .transport.delays import delayed_route, is_amqp
 
 logger = logging.getLogger("flask_tasks.publisher")
@@ -84,6 +85,10 @@ class Publisher:
         :param retry: retry on connection errors following ``retry_policy``.
         :raises kombu.exceptions.OperationalError: the broker stayed
             unreachable after the retries.
+        :raises ImproperlyConfigured: the broker refused the URL's credentials
+            or virtual host (not retried; the message says what to fix).
+        :raises PublishRefused: RabbitMQ did not take the message (a negative
+            publisher confirm, e.g. a full queue with ``reject-publish``; not retried).
         """
         producer = self._take()
         connection = producer.connection
@@ -104,14 +109,23 @@ class Publisher:
                 self._declare(producer, queue, False, policy)
                 producer.publish(message.body, retry=False, **options)
             except connection.recoverable_connection_errors as exc:
+                if type(exc).__name__ == "MessageNacked":  # py-amqp's, without importing it
+                    raise PublishRefused(
+                        f"The broker refused task {message.task_id} for queue {queue.name!r}: "
+                        f"RabbitMQ did not confirm the publish (a length limit with overflow "
+                        f"'reject-publish', or a resource alarm). It was not queued."
+                    ) from exc
                 if not retry:
                     raise
                 logger.warning("Publishing task %s failed (%s); retrying.", message.task_id, exc)
                 self._declared.pop(connection, None)
                 self._declare(producer, queue, True, policy)
                 producer.publish(message.body, retry=True, retry_policy=policy, **options)
-        except BaseException:
+        except BaseException as exc:
             connection.release()  # a fresh connection next time
+            refused = login_refused(exc, self.url) if isinstance(exc, Exception) else None
+            if refused is not None:
+                raise ImproperlyConfigured(refused) from exc
             raise
         self._give_back(producer)
 

@@ -18,9 +18,14 @@ from kombu.entity import Exchange, Queue
 RouterFunc = Callable[[str, Any, Any, Mapping[str, Any]], Any]
 
 
-def make_queue(name: str) -> Queue:
-    """Celery's automatic queue: a direct exchange and routing key named like the queue."""
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+def make_queue(name: str, arguments: Mapping[str, Any] | None = None) -> Queue:
+    """Celery's automatic queue: a direct exchange and routing key named like the queue.
+
+    :param arguments: the queue's AMQP arguments (``x-queue-type``,
+        ``x-max-priority``...: :attr:`flask_tasks.config.Config.queue_arguments`).
+    """
+    return Queue(name, Exchange(name, type="direct"), routing_key=name,
+                 queue_arguments=dict(arguments) if arguments else None)
 
 
 class Router:
@@ -28,10 +33,13 @@ class Router:
 
     :param routes: the ``TASKS_ROUTES`` value (dict, callable, list or None).
     :param default_queue: the ``TASKS_DEFAULT_QUEUE`` value.
+    :param queue_arguments: AMQP arguments every queue is declared with (RabbitMQ).
     """
 
-    def __init__(self, routes: Any, default_queue: str) -> None:
+    def __init__(self, routes: Any, default_queue: str,
+                 queue_arguments: Mapping[str, Any] | None = None) -> None:
         self.default_queue = default_queue
+        self.queue_arguments = dict(queue_arguments or {})
         self._routers: list[RouterFunc] = []
         items = routes if isinstance(routes, (list, tuple)) else [routes] if routes else []
         for item in items:
@@ -87,5 +95,5 @@ class Router:
         """The kombu :class:`~kombu.Queue` for a queue name (cached)."""
         queue = self._queues.get(name)
         if queue is None:
-            queue = self._queues[name] = make_queue(name)
+            queue = self._queues[name] = make_queue(name, self.queue_arguments)
         return queue

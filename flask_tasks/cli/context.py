@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 
 from ..app_state import AppState
 from ..exceptions import ImproperlyConfigured
-from ..transport.connect import broker_connection, mask_url
+from ..transport.connect import broker_connection, login_refused, mask_url
 
 __all__ = ["app_state", "backend_errors", "broker", "current_state", "describe",
            "split_names", "unreachable"]
@@ -110,6 +110,9 @@ def unreachable(what: str, url: str | None, exc: BaseException,
     :param what: "the broker", "the result backend".
     :param url: its URL (shown masked).
     """
+    refused = login_refused(exc, url)
+    if refused is not None:  # reached, but it refused us: say what to fix
+        return click.ClickException(refused)
     return click.ClickException(
         f"Cannot reach {what} at {mask_url(url)}: {describe(exc, timeout, url)}.")
 
@@ -149,6 +152,11 @@ def broker(state: AppState) -> Iterator[Connection]:
             conn.ensure_connection(max_retries=0)  # one attempt, no retry sleeps
         except errors as exc:
             raise unreachable("the broker", url, exc, timeout) from None
+        except Exception as exc:  # RabbitMQ's refusals are not among its connection errors
+            refused = login_refused(exc, url)
+            if refused is None:
+                raise
+            raise click.ClickException(refused) from None
         try:
             yield conn
         except errors as exc:

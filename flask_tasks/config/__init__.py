@@ -72,6 +72,10 @@ class Config:
     dead_letter_max_entries: int | None = 10_000
     dead_letter_max_age: float | None = 7 * 24 * 3600.0
     dead_letter_rejected: bool = False
+    default_queue_type: str = "classic"
+    quorum_delivery_limit: int = 20
+    queue_max_priority: int | None = None
+    broker_heartbeat: float | None = 120.0
     broker_pool_limit: int = 10
     broker_connection_timeout: float = 4.0
     imports: tuple[str, ...] = ()
@@ -89,6 +93,19 @@ class Config:
         return {"dead_letter_max_entries": self.dead_letter_max_entries,
                 "max_message_size": self.broker_max_message_size,
                 **(self.broker_transport_options or {})}
+
+    @property
+    def queue_arguments(self) -> dict[str, Any]:
+        """The AMQP arguments every queue is declared with (RabbitMQ): the queue type, the
+        quorum delivery limit, ``x-max-priority``; empty for classic queues without
+        priorities (what Celery declares by default)."""
+        arguments: dict[str, Any] = {}
+        if self.default_queue_type == "quorum":
+            arguments.update({"x-queue-type": "quorum",
+                              "x-delivery-limit": self.quorum_delivery_limit})
+        if self.queue_max_priority is not None:
+            arguments["x-max-priority"] = self.queue_max_priority
+        return arguments
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied (for tests and the CLI)."""
@@ -139,7 +156,28 @@ def load(mapping: Mapping[str, Any], instance_path: str | None = None) -> Config
         values["embedded_dir"] = os.fspath(instance_path)
     if values.get("result_expires") == 0:
         values["result_expires"] = None
+    _check_queue_settings(values)
     return Config(**values)
+
+
+def _check_queue_settings(values: Mapping[str, Any]) -> None:
+    """Refuse queue settings RabbitMQ would refuse, before anything is declared."""
+    queue_type = values.get("default_queue_type", "classic")
+    priority = values.get("queue_max_priority")
+    if priority is not None:
+        if not 1 <= priority <= 255:
+            raise ImproperlyConfigured(
+                f"TASKS_QUEUE_MAX_PRIORITY must be between 1 and 255 (10 is usual), "
+                f"not {priority!r}.")
+        if queue_type == "quorum":
+            raise ImproperlyConfigured(
+                "TASKS_QUEUE_MAX_PRIORITY needs classic queues: RabbitMQ's quorum queues "
+                "have no x-max-priority. Unset one of TASKS_QUEUE_MAX_PRIORITY and "
+                "TASKS_DEFAULT_QUEUE_TYPE = 'quorum'.")
+    limit = values.get("quorum_delivery_limit", 1)
+    if limit < 1:
+        raise ImproperlyConfigured(
+            f"TASKS_QUORUM_DELIVERY_LIMIT must be at least 1, not {limit!r}.")
 
 
 def _celery_dict(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -224,6 +262,9 @@ def _checked(setting: Setting, value: Any, where: str) -> Any:
         raise ImproperlyConfigured(
             f"{where} must be {names}, not {type(value).__name__} ({value!r})."
         )
+    if setting.choices and value not in setting.choices:
+        allowed = " or ".join(repr(choice) for choice in setting.choices)
+        raise ImproperlyConfigured(f"{where} must be {allowed}, not {value!r}.")
     if setting.attr in ("accept_content", "imports"):
         value = tuple(value)
     return value

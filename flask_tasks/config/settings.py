@@ -59,6 +59,7 @@ class Setting:
         must be returned unchanged so the type check reports it.
     :param explicit_none: an explicit ``None`` is a value (``TASKS_RESULT_EXPIRES``:
         keep forever) instead of "use the default".
+    :param choices: the only values allowed (empty: any value of ``types``).
     """
 
     key: str
@@ -70,6 +71,7 @@ class Setting:
     celery: str | tuple[str, ...] | None = None
     from_celery: Callable[[Any], Any] | None = None
     explicit_none: bool = False
+    choices: tuple[Any, ...] = ()
 
     @property
     def celery_names(self) -> tuple[str, ...]:
@@ -213,6 +215,25 @@ SETTINGS: tuple[Setting, ...] = (
             "arguments or headers, refused content type) as dead letters, instead of "
             "dropping them after storing FAILURE. Malformed broker entries are always set "
             "aside."),
+    Setting("TASKS_DEFAULT_QUEUE_TYPE", "default_queue_type", "classic", (str,),
+            "RabbitMQ: ``classic`` or ``quorum`` queues (replicated, with a delivery limit: "
+            "``TASKS_QUORUM_DELIVERY_LIMIT``). Every flask_tasks and Celery process on the "
+            "same queues must declare them alike. Other brokers ignore it.",
+            celery="task_default_queue_type", choices=("classic", "quorum")),
+    Setting("TASKS_QUORUM_DELIVERY_LIMIT", "quorum_delivery_limit", 20, (int,),
+            "Quorum queues: deliveries of a message that end unacknowledged (its worker "
+            "killed or disconnected, a shutdown giving back prefetched messages) before it "
+            "ends FAILURE instead of being delivered again (the queue's "
+            "``x-delivery-limit``; RabbitMQ 4's default)."),
+    Setting("TASKS_QUEUE_MAX_PRIORITY", "queue_max_priority", None, (int,),
+            "RabbitMQ: declare queues with ``x-max-priority`` (e.g. 10) so that messages "
+            "with a higher ``priority`` are delivered first. Classic queues only. An "
+            "existing queue keeps the arguments it was declared with.",
+            celery="task_queue_max_priority"),
+    Setting("TASKS_BROKER_HEARTBEAT", "broker_heartbeat", 120.0, (int, float),
+            "RabbitMQ: seconds between the worker's AMQP heartbeats (a dead connection is "
+            "noticed within about twice this); None or 0: none.",
+            celery="broker_heartbeat", explicit_none=True),
     Setting("TASKS_BROKER_POOL_LIMIT", "broker_pool_limit", 10, (int,),
             "Idle broker connections kept for publishing, per process.",
             celery="broker_pool_limit"),

@@ -7,7 +7,7 @@ prefetch). flask_tasks uses the design Celery 5.5 adopted for quorum queues,
 (:mod:`kombu.transport.native_delayed_delivery`), so Celery and flask_tasks
 processes share one ladder:
 
-- 28 levels of a topic exchange and a queue, ``celery_delayed_27`` down to
+- 28 levels of a topic exchange and a quorum queue, ``celery_delayed_27`` down to
   ``celery_delayed_0``. The queue of level *n* holds messages for ``2**n``
   seconds (``x-message-ttl``) and then dead-letters them into level
   *n - 1*; level 0 dead-letters into the topic exchange
@@ -61,12 +61,16 @@ class _OneChannel:
         return self._channel
 
 
-def declare_ladder(channel: Any, queue_type: str = "classic") -> None:
+def declare_ladder(channel: Any, queue_type: str = "quorum") -> None:
     """Declare the delay ladder's exchanges and queues on ``channel`` (idempotent).
 
     kombu's declarations (56 of them), so Celery and flask_tasks share the ladder.
 
-    :param queue_type: ``"classic"`` or ``"quorum"`` for the ladder's queues.
+    :param queue_type: ``"quorum"`` (the default, whatever type the task queues
+        are) or ``"classic"`` for the ladder's queues. Quorum queues dead-letter
+        *at least once* (a message moving down the ladder survives a broker
+        crash mid-move; classic queues' dead-lettering may drop it), and Celery
+        declares its ladder as quorum queues: the same declaration lets both share it.
     """
     declare_native_delayed_delivery_exchanges_and_queues(
         _OneChannel(channel), queue_type)  # type: ignore[arg-type]  # duck-typed: channel()

@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 from kombu.connection import Connection
 from kombu.utils.url import sanitize_url
 
-__all__ = ["OWN_OPTIONS", "BrokerConnection", "broker_connection", "mask_url"]
+from .delays import is_amqp_url
+
+__all__ = ["OWN_OPTIONS", "BrokerConnection", "broker_connection", "login_refused",
+           "mask_url"]
 
 #: Transport options only flask_tasks' transports (Redis, embedded) read; not
 #: given to kombu's others (py-amqp passes its options on to the socket layer).
@@ -54,15 +57,21 @@ class BrokerConnection(Connection):
 
 
 def broker_connection(url: str, transport_options: Mapping[str, Any] | None = None,
-                      connect_timeout: float | None = None) -> Connection:
+                      connect_timeout: float | None = None,
+                      heartbeat: float | None = None) -> Connection:
     """A kombu :class:`~kombu.Connection` for ``url`` (not connected yet).
 
     ``embedded://`` URLs get the embedded transport (:mod:`.embedded`),
     ``redis://`` and ``rediss://`` flask_tasks' Redis transport (:mod:`.redis`);
-    other URLs kombu's own.
+    other URLs kombu's own. On RabbitMQ, publisher confirms are on unless the
+    transport options say ``confirm_publish: False``: a publish returns once
+    the broker has the message, and one it refuses raises
+    :exc:`amqp.exceptions.MessageNacked`.
 
     :param connect_timeout: seconds to wait for a connection (on Redis also
         its ``socket_connect_timeout``, unless the transport options set one).
+    :param heartbeat: seconds between AMQP heartbeats (RabbitMQ; None or 0:
+        none). Whoever holds the connection calls its ``heartbeat_check()``.
     """
     # Each transport is imported only when a URL names it (Flask-SQLAlchemy's
     # way with optional features): redis-py alone takes ~60 ms to import.
@@ -70,8 +79,12 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
         from . import embedded  # noqa: F401 - registers the scheme with kombu
 
     options = dict(transport_options or {})
+    rabbitmq = is_amqp_url(url)
+    if rabbitmq:
+        options.setdefault("confirm_publish", True)
     connection = BrokerConnection(url, transport_options=options,
-                                  connect_timeout=connect_timeout)
+                                  connect_timeout=connect_timeout,
+                                  heartbeat=(heartbeat or 0) if rabbitmq else 0)
     if connection.transport_cls in ("redis", "rediss"):
         from .redis import Transport
 
@@ -86,3 +99,43 @@ def broker_connection(url: str, transport_options: Mapping[str, Any] | None = No
     if connection.transport_cls in ("amqp", "pyamqp", "amqps"):
         from . import amqp  # noqa: F401 - registers its WorkerChannel (delayed delivery)
     return connection
+
+
+def login_refused(exc: BaseException, url: str | None) -> str | None:
+    """What to fix, in one sentence, when ``exc`` says the broker refused ``url``'s
+    credentials or virtual host; None for any other error (one worth retrying).
+
+    RabbitMQ: ``ACCESS_REFUSED`` (403: a wrong user name or password, or a
+    user without access to the virtual host) and ``NOT_ALLOWED`` (530: no such
+    virtual host). Redis: a refused ``AUTH`` (a wrong password or ACL user,
+    or a password the server requires and the URL lacks). The password is never shown.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url or "")
+        user, vhost = parts.username, unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    except ValueError:
+        user, vhost = None, "?"
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    shown = mask_url(url)
+    reply = (str(getattr(exc, "reply_text", "") or exc).splitlines() or [""])[0].rstrip(".")
+    code = getattr(exc, "reply_code", None)
+    if type(exc).__module__.startswith("amqp"):
+        if code == 403 or "AccessRefused" in names:
+            if "vhost" in reply.lower():
+                return (f"The broker at {shown} refused user {user!r} access to virtual host "
+                        f"{vhost!r} ({reply}). Grant it (rabbitmqctl set_permissions -p "
+                        f"{vhost} {user} '.*' '.*' '.*') or fix the virtual host in BROKER_URL.")
+            return (f"The broker at {shown} refused the login of user {user!r}: check the user "
+                    f"name and password in BROKER_URL ({reply}).")
+        if code == 530 or "NotAllowed" in names:
+            return (f"The broker at {shown} has no virtual host {vhost!r} ({reply}): create it "
+                    f"(rabbitmqctl add_vhost {vhost}) or fix the path of BROKER_URL "
+                    f"(amqp://host// is the default virtual host '/').")
+        return None
+    if "AuthenticationError" in names or "AuthenticationWrongNumberOfArgsError" in names \
+            or reply.startswith(("NOAUTH", "WRONGPASS")):
+        return (f"The broker at {shown} refused the login: check the user name and password "
+                f"in BROKER_URL ({reply}).")
+    return None

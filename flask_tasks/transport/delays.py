@@ -17,7 +17,8 @@ from kombu.transport.native_delayed_delivery import (
     level_name,
 )
 
-__all__ = ["DELAY_EXCHANGE", "MAX_DELAY", "delayed_route", "is_amqp", "strip_delay"]
+__all__ = ["AMQP_SCHEMES", "DELAY_EXCHANGE", "MAX_DELAY", "delayed_route", "is_amqp",
+           "is_amqp_url", "strip_delay"]
 
 #: Where a delayed message is published: the top of the ladder.
 DELAY_EXCHANGE = level_name(MAX_NUMBER_OF_BITS_TO_USE - 1)
@@ -43,6 +44,15 @@ def delayed_route(eta: float, routing_key: str, now: float | None = None) -> tup
 def strip_delay(routing_key: str) -> str:
     """A routing key without the ladder's 28 binary digits (as the message was sent)."""
     return _PREFIX.sub("", routing_key, count=1)
+
+
+#: Broker URL schemes of RabbitMQ (kombu's py-amqp transport).
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def is_amqp_url(url: str | None) -> bool:
+    """Whether a broker URL names RabbitMQ (``amqp://``, ``amqps://``, ``pyamqp://``)."""
+    return (url or "").partition("://")[0].lower() in AMQP_SCHEMES
 
 
 def is_amqp(connection: Any) -> bool:

@@ -29,7 +29,7 @@ from kombu.message import Message
 
 from .. import states
 from ..app_state import AppState
-from ..exceptions import NotRegistered
+from ..exceptions import NotRegistered, WorkerLostError
 from ..protocol import (
     BadMessage,
     TaskHeaders,
@@ -304,6 +304,13 @@ class Consumer:
         if task_id in self.revokes.ids:
             self.settler.settle(message, ACK)
             self.revokes.report(name, task_id, False, message)
+            return None
+        delivered = message.headers.get("x-delivery-count")  # RabbitMQ quorum queues
+        if type(delivered) is int and delivered >= config.quorum_delivery_limit:
+            text = (f"delivered {delivered} times without being acknowledged (its worker was "
+                    f"killed or lost its connection each time), so it is not run again "
+                    f"(TASKS_QUORUM_DELIVERY_LIMIT={config.quorum_delivery_limit})")
+            self._refuse(message, text, name, task_id, failure=WorkerLostError(text))
             return None
         if self._delay(message, headers):
             return None

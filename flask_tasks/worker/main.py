@@ -48,7 +48,7 @@ from kombu.mixins import ConsumerMixin
 from ..app_state import AppState
 from ..signals import send_robust, worker_process_init, worker_ready, worker_shutdown
 from ..transport.base import WorkerChannel
-from ..transport.connect import broker_connection, mask_url
+from ..transport.connect import broker_connection, login_refused, mask_url
 from ..transport.delays import is_amqp
 from .consumer import Consumer, Settler
 from .dispatch import Dispatcher
@@ -63,6 +63,8 @@ logger = logging.getLogger("flask_tasks.worker")
 EX_OK = 0
 EX_FAILURE = 1
 EX_COLD = 2
+#: The broker refused the worker's credentials or virtual host (sysexits' EX_CONFIG).
+EX_CONFIG = 78
 
 #: Seconds between cleanups of expired results.
 CLEANUP_INTERVAL = 3600.0
@@ -70,6 +72,9 @@ CLEANUP_INTERVAL = 3600.0
 MOVE_INTERVAL = 0.2
 #: Seconds between trims of the dead letters to their size and age limits.
 TRIM_INTERVAL = 60.0
+#: Seconds between two reads of the broker's heartbeats while the main loop waits
+#: on the pool (RabbitMQ with heartbeats only).
+KEEP_ALIVE_INTERVAL = 1.0
 
 
 class Worker(ConsumerMixin):
@@ -89,6 +94,7 @@ class Worker(ConsumerMixin):
 
     if TYPE_CHECKING:  # kombu's, untyped
         def run(self, _tokens: int = 1, **kwargs: Any) -> None: ...
+        def create_connection(self) -> Connection: ...
 
     def __init__(self, app: Flask, state: AppState, *, pool: str | type[Pool] | None = None,
                  concurrency: int | None = None, queues: list[str] | None = None,
@@ -110,7 +116,8 @@ class Worker(ConsumerMixin):
         self.prefetch_count = self.concurrency * multiplier
         self.max_tasks_per_child = max_tasks_per_child or config.worker_max_tasks_per_child
         self.connection: Connection = broker_connection(
-            state.broker_url, config.transport_options, config.broker_connection_timeout)
+            state.broker_url, config.transport_options, config.broker_connection_timeout,
+            heartbeat=config.broker_heartbeat)
         self.pool: Pool = pool_cls(
             self._run_job, self.concurrency, max_tasks_per_child=self.max_tasks_per_child,
             on_child_start=self._child_init, flush=state.backend.flush,
@@ -133,6 +140,8 @@ class Worker(ConsumerMixin):
         self._last_trim = 0.0
         self._dead_lettered_before = 0  # by channels of earlier connections
         self._ready_sent = False  # worker_ready is sent once, not on every reconnect
+        self._live: Connection | None = None  # the connection consuming now, if any
+        self._last_keep_alive = 0.0
         self.exit_code = EX_OK
 
     # -- running a job (inside the pool) ---------------------------------------------
@@ -185,6 +194,21 @@ class Worker(ConsumerMixin):
         logger.warning("Cannot connect to %s (%s); trying again in %.1f s.",
                        mask_url(self.state.broker_url), str(exc).rstrip("."), interval)
 
+    @contextmanager
+    def establish_connection(self) -> Iterator[Connection]:
+        """kombu's, except that a broker refusing our credentials or virtual host stops
+        the worker with a one-line reason (exit status 78) instead of retrying forever."""
+        with self.create_connection() as conn:
+            try:
+                conn.ensure_connection(self.on_connection_error, self.connect_max_retries)
+            except Exception as exc:
+                reason = login_refused(exc, self.state.broker_url)
+                if reason is None:
+                    raise
+                logger.critical("%s", reason)
+                raise SystemExit(EX_CONFIG) from None
+            yield conn
+
     def on_connection_revived(self) -> None:
         # Messages that waited in the worker cannot be acked over the old
         # connection any more; the broker redelivers the unacknowledged ones.
@@ -196,13 +220,19 @@ class Worker(ConsumerMixin):
         self._dead_lettered_before += self._channel.dead_lettered  # the lost connection's
         self._channel = self.settler.attach(channel)
         self._channel.node_name = self.hostname  # written into the dead letters it sets aside
+        self._live = connection
         try:
             yield
         except connection.connection_errors + connection.channel_errors:
             if self._channel.settles_by_tag:  # else the broker redelivers what was unacked
                 self.settler.detach(self.dispatcher.take_waiting(), self.dispatcher.running())
+            else:
+                # The broker (RabbitMQ) delivers again every message this connection had
+                # not acknowledged: jobs queued in the pool must not start as well.
+                self.pool.skip_queued()
             raise
         finally:
+            self._live = None
             self.leases.stop()
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any,
@@ -216,6 +246,7 @@ class Worker(ConsumerMixin):
 
     def on_iteration(self) -> None:
         dispatcher, pool, channel = self.dispatcher, self.pool, self._channel
+        self._keep_alive()
         dispatcher.complete(pool.collect(0))
         dispatcher.dispatch()
         dispatcher.ack_started()
@@ -226,6 +257,7 @@ class Worker(ConsumerMixin):
         while not self._warm and pool.busy() and (
                 (dispatcher.buffer and pool.free() == 0) or not channel.can_consume()):
             dispatcher.complete(pool.collect(0.05))
+            self._keep_alive()
             self.revokes.refresh_if_due(time.monotonic())
             dispatcher.dispatch()
             dispatcher.ack_started()
@@ -244,6 +276,22 @@ class Worker(ConsumerMixin):
         if now - self._last_trim > TRIM_INTERVAL:
             self._last_trim = now
             self._trim_dead_letters()
+
+    def _keep_alive(self) -> None:
+        """RabbitMQ with heartbeats: read what the broker sent (its heartbeats) and send
+        ours when due, also while the loop waits on the pool rather than the broker."""
+        live = self._live
+        if live is None or not live.heartbeat:
+            return
+        now = time.monotonic()
+        if now - self._last_keep_alive < KEEP_ALIVE_INTERVAL:
+            return
+        self._last_keep_alive = now
+        try:
+            live.drain_events(timeout=0)  # consumers deliver into the buffer, as always
+        except TimeoutError:
+            pass
+        live.heartbeat_check(rate=2)
 
     @property
     def dead_lettered(self) -> int:
@@ -293,6 +341,7 @@ class Worker(ConsumerMixin):
         self.pool.begin_shutdown()
         while self.pool.busy() and not self._cold:
             self.dispatcher.complete(self.pool.collect(0.5))
+            self._keep_alive()
         self.settler.settle_detached()
         self._channel.flush_acks(0.0)
         self.should_stop = True
@@ -301,6 +350,12 @@ class Worker(ConsumerMixin):
     def install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: warm shutdown; second: cold."""
         def handler(signum: int, frame: Any) -> None:
+            if not self._warm and self._live is None and not self.pool.busy():
+                # Not connected (the broker is away, or refuses us): nothing to finish.
+                logger.warning("worker: Stopping (%s) without a broker connection.",
+                               signal.Signals(signum).name)
+                self._warm = True
+                raise SystemExit(EX_OK)
             if not self._warm:
                 logger.warning("worker: Warm shutdown (%s): finishing %d running task(s); "
                                "press Ctrl-C again for a cold shutdown.",

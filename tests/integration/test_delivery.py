@@ -131,11 +131,11 @@ def test_rabbitmq_restart_while_consuming_loses_nothing(
     assert not lost
     assert set(runs) == set(tags)
     # acks_late, at least once: the node requeues every message unacknowledged on the
-    # dropped connection: the running ones, and the reserved ones the worker still ran
-    # while it was disconnected (their acknowledgements fail). They are at most the
-    # worker's prefetch count (-c 2 x multiplier 4), which counts the running tasks too
-    # (an acks_late message stays unacknowledged while it runs), and only messages the
-    # worker held when the node stopped: published before the restart.
+    # dropped connection. The pool's queued jobs are skipped when the connection is lost
+    # (they do not run: the node delivers them again), but the running ones, and those
+    # started before the worker noticed the loss, run again (their acknowledgements
+    # fail). They are at most the worker's prefetch count (-c 2 x multiplier 4; measured:
+    # 2 to 4), and only messages the worker held when the node stopped.
     assert duplicated <= 2 * 4
     assert set(twice) <= set(tags[:15])
     assert max(runs.count(tag) for tag in tags) <= 2

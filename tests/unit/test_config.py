@@ -91,7 +91,11 @@ CELERY_PAIRS = sorted((name, setting.key) for name, setting in CELERY_NAMES.item
 
 
 def _sample(setting: Setting, variant: int) -> Any:
-    """A value of the setting's type that differs from its default and from the other variant."""
+    """A value of the setting's type that differs from its default and from the other variant
+    (a setting with two choices: the other one, then the default)."""
+    if setting.choices:
+        others = [choice for choice in setting.choices if choice != setting.default]
+        return others[0] if variant == 1 else (others[1:] or [setting.default])[0]
     if bool in setting.types:
         return (variant == 1) != bool(setting.default)
     if str in setting.types:

@@ -56,3 +56,31 @@ def test_redis_connections_wait_no_longer_than_the_connect_timeout() -> None:
     assert broker_connection("redis://h:1/0", given, 2.5).transport_options == given
     assert "socket_connect_timeout" not in broker_connection("memory://", None, 2.5)\
         .transport_options
+
+
+# -- a broker that refuses the URL's credentials or virtual host ----------------------------
+
+def test_login_refused_says_what_to_fix_without_the_password() -> None:
+    from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+    from redis.exceptions import AuthenticationError
+
+    from flask_tasks.transport.connect import login_refused
+
+    url = "amqp://app:hunter2@rabbit:5672/shop"
+    login = login_refused(AccessRefused(
+        "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For "
+        "details see the broker logfile.", None, 403), url)
+    assert login is not None and "refused the login of user 'app'" in login
+    vhost = login_refused(NotAllowed("NOT_ALLOWED - vhost shop not found", (10, 40), 530), url)
+    assert vhost is not None and "no virtual host 'shop'" in vhost
+    denied = login_refused(AccessRefused(
+        "ACCESS_REFUSED - access to vhost 'shop' refused for user 'app'", (10, 40), 403), url)
+    assert denied is not None and "set_permissions -p shop app" in denied
+    redis_auth = login_refused(AuthenticationError("invalid username-password pair"),
+                               "redis://:hunter2@cache:6379/0")
+    assert redis_auth is not None and "refused the login" in redis_auth
+    for text in (login, vhost, denied, redis_auth):
+        assert "hunter2" not in text and "**@" in text
+    # Errors worth retrying are not refusals.
+    assert login_refused(ConnectionForced("CONNECTION_FORCED - shutdown", None, 320), url) is None
+    assert login_refused(ConnectionRefusedError(111, "Connection refused"), url) is None

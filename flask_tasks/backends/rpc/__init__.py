@@ -43,6 +43,7 @@ from kombu.serialization import dumps
 from ...exceptions import ImproperlyConfigured
 from ...result import OnMessage
 from ...transport.connect import broker_connection, mask_url
+from ...transport.delays import is_amqp_url
 from ..base import Backend
 from .replies import Replies
 from .revokes import RevokeStream
@@ -51,17 +52,13 @@ __all__ = ["RPCBackend", "check_broker"]
 
 logger = logging.getLogger("flask_tasks.backends")
 
-#: Broker URL schemes rpc:// works with (kombu's py-amqp transport).
-AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
-
-
 def check_broker(broker_url: str | None) -> str:
     """The broker URL rpc:// can use (an AMQP one).
 
     :raises ImproperlyConfigured: no broker URL, or not RabbitMQ.
     """
     scheme = (broker_url or "").split("://", 1)[0].lower()
-    if scheme not in AMQP_SCHEMES:
+    if not is_amqp_url(broker_url):
         shown = "the embedded broker" if not broker_url or scheme == "embedded" \
             else mask_url(broker_url)
         raise ImproperlyConfigured(
