@@ -1,4 +1,5 @@
-"""A task goes from the caller to a real worker subprocess and back, on Redis and embedded."""
+"""A task goes from the caller to a real worker subprocess and back: on Redis, on RabbitMQ
+(results in Redis) and embedded."""
 
 from __future__ import annotations
 
@@ -13,13 +14,10 @@ from tests.apps import basic
 APP = "tests.apps.basic:create_app"
 
 
-def worker_env(url: str | None) -> dict[str, str]:
-    return {"TEST_BROKER_URL": url, "TEST_RESULT_BACKEND": url} if url else {}
-
-
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_redis_round_trip(basic_app: Flask, redis_url: str, start_worker, pool: str) -> None:
-    worker = start_worker(APP, "-P", pool, "-c", "2", env=worker_env(redis_url))
+def test_round_trip(broker_app: Flask, broker_env: dict[str, str], start_worker,
+                     pool: str) -> None:
+    worker = start_worker(APP, "-P", pool, "-c", "2", env=broker_env)
     result = basic.add.delay(2, 3)
     assert result.get(timeout=10) == 5
     assert result.state == states.SUCCESS
@@ -30,9 +28,9 @@ def test_redis_round_trip(basic_app: Flask, redis_url: str, start_worker, pool: 
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_failure_reraises_with_type_and_traceback(basic_app: Flask, redis_url: str,
+def test_failure_reraises_with_type_and_traceback(broker_app: Flask, broker_env: dict[str, str],
                                                   start_worker, pool: str) -> None:
-    worker = start_worker(APP, "-P", pool, "-c", "2", env=worker_env(redis_url))
+    worker = start_worker(APP, "-P", pool, "-c", "2", env=broker_env)
     result = basic.fail.delay("bad input")
     with pytest.raises(ValueError, match="bad input"):
         result.get(timeout=10)
@@ -42,8 +40,9 @@ def test_failure_reraises_with_type_and_traceback(basic_app: Flask, redis_url: s
     worker.wait_output("raised unexpected: ValueError('bad input')")
 
 
-def test_progress_and_request(basic_app: Flask, redis_url: str, start_worker) -> None:
-    start_worker(APP, "-c", "1", env=worker_env(redis_url))
+def test_progress_and_request(broker_app: Flask, broker_env: dict[str, str],
+                              start_worker) -> None:
+    start_worker(APP, "-c", "1", env=broker_env)
     seen: list[str] = []
     result = basic.progress.delay(3)
     value = result.get(timeout=10, on_message=lambda meta: seen.append(meta["status"]))
@@ -51,16 +50,18 @@ def test_progress_and_request(basic_app: Flask, redis_url: str, start_worker) ->
     assert seen[-1] == states.SUCCESS
 
 
-def test_app_context_and_teardown(basic_app: Flask, redis_url: str, start_worker) -> None:
-    start_worker(APP, "-P", "solo", env=worker_env(redis_url))
+def test_app_context_and_teardown(broker_app: Flask, broker_env: dict[str, str],
+                                  start_worker) -> None:
+    start_worker(APP, "-P", "solo", env=broker_env)
     assert basic.app_info.delay().get(timeout=10)["app"] == "tests.apps.basic"
     # The same process runs both (solo): an uncommitted row must not leak into the next task.
     assert basic.leave_pending_row.delay("draft").get(timeout=10) == 1
     assert basic.pending_rows.delay().get(timeout=10) == 0
 
 
-def test_track_started_and_ignore_result(basic_app: Flask, redis_url: str, start_worker) -> None:
-    start_worker(APP, "-c", "1", env=worker_env(redis_url))
+def test_track_started_and_ignore_result(broker_app: Flask, broker_env: dict[str, str],
+                                         start_worker) -> None:
+    start_worker(APP, "-c", "1", env=broker_env)
     slow = basic.sleep.delay(1.0)
     from tests.helpers import wait_for
 
@@ -73,16 +74,18 @@ def test_track_started_and_ignore_result(basic_app: Flask, redis_url: str, start
     assert quiet.state == states.PENDING  # never stored
 
 
-def test_unencodable_result_fails_clearly(basic_app: Flask, redis_url: str, start_worker) -> None:
-    start_worker(APP, "-c", "1", env=worker_env(redis_url))
+def test_unencodable_result_fails_clearly(broker_app: Flask, broker_env: dict[str, str],
+                                          start_worker) -> None:
+    start_worker(APP, "-c", "1", env=broker_env)
     result = basic.bad_result.delay()
     with pytest.raises(Exception, match="cannot be encoded"):
         result.get(timeout=10)
     assert result.state == states.FAILURE
 
 
-def test_forget(basic_app: Flask, redis_url: str, start_worker) -> None:
-    start_worker(APP, "-c", "1", env=worker_env(redis_url))
+def test_forget(broker_app: Flask, broker_env: dict[str, str],
+                start_worker) -> None:
+    start_worker(APP, "-c", "1", env=broker_env)
     result = basic.add.delay(1, 2)
     assert result.get(timeout=10) == 3
     result.forget()
@@ -100,11 +103,12 @@ def test_embedded_round_trip(embedded_app: Flask, start_worker, pool: str) -> No
         basic.fail.delay("embedded").get(timeout=10, interval=0.05)
 
 
-def test_progress_is_visible_while_a_prefork_task_runs(basic_app: Flask, redis_url: str,
+def test_progress_is_visible_while_a_prefork_task_runs(broker_app: Flask,
+                                                       broker_env: dict[str, str],
                                                        start_worker) -> None:
     from tests.helpers import wait_for
 
-    start_worker(APP, "-P", "prefork", "-c", "2", env=worker_env(redis_url))
+    start_worker(APP, "-P", "prefork", "-c", "2", env=broker_env)
     result = basic.progress_then_wait.delay(3.0)
     wait_for(lambda: result.state == "PROGRESS", timeout=2.5, message="PROGRESS while running")
     assert result.info == {"done": 1, "total": 2}
