@@ -19,7 +19,7 @@ from kombu.messaging import Producer
 
 from .exceptions import ImproperlyConfigured, PublishRefused
 from .protocol import Message, envelope_eta
-from .transport.connect import broker_connection, login_refused
+from .transport.connect import broker_connection, declaration_refused, login_refused
 from .transport.delays import delayed_route, is_amqp
 
 logger = logging.getLogger("flask_tasks.publisher")
@@ -86,7 +86,8 @@ class Publisher:
         :raises kombu.exceptions.OperationalError: the broker stayed
             unreachable after the retries.
         :raises ImproperlyConfigured: the broker refused the URL's credentials
-            or virtual host (not retried; the message says what to fix).
+            or virtual host, or to declare the queue (it exists with other
+            arguments); not retried, the message says what to fix.
         :raises PublishRefused: RabbitMQ did not take the message (a negative
             publisher confirm, e.g. a full queue with ``reject-publish``; not retried).
         """
@@ -123,7 +124,8 @@ class Publisher:
                 producer.publish(message.body, retry=True, retry_policy=policy, **options)
         except BaseException as exc:
             connection.release()  # a fresh connection next time
-            refused = login_refused(exc, self.url) if isinstance(exc, Exception) else None
+            refused = (login_refused(exc, self.url) or declaration_refused(exc)) \
+                if isinstance(exc, Exception) else None
             if refused is not None:
                 raise ImproperlyConfigured(refused) from exc
             raise

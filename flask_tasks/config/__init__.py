@@ -96,13 +96,13 @@ class Config:
 
     @property
     def queue_arguments(self) -> dict[str, Any]:
-        """The AMQP arguments every queue is declared with (RabbitMQ): the queue type, the
-        quorum delivery limit, ``x-max-priority``; empty for classic queues without
-        priorities (what Celery declares by default)."""
+        """The AMQP arguments every queue is declared with (RabbitMQ): the queue type and
+        ``x-max-priority``, exactly as Celery declares them (a queue declared with other
+        arguments is refused), so empty for classic queues without priorities. The
+        quorum delivery limit is the worker's (``x-delivery-count``), not an argument."""
         arguments: dict[str, Any] = {}
         if self.default_queue_type == "quorum":
-            arguments.update({"x-queue-type": "quorum",
-                              "x-delivery-limit": self.quorum_delivery_limit})
+            arguments["x-queue-type"] = "quorum"
         if self.queue_max_priority is not None:
             arguments["x-max-priority"] = self.queue_max_priority
         return arguments

@@ -223,8 +223,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TASKS_QUORUM_DELIVERY_LIMIT", "quorum_delivery_limit", 20, (int,),
             "Quorum queues: deliveries of a message that end unacknowledged (its worker "
             "killed or disconnected, a shutdown giving back prefetched messages) before it "
-            "ends FAILURE instead of being delivered again (the queue's "
-            "``x-delivery-limit``; RabbitMQ 4's default)."),
+            "ends FAILURE instead of being delivered again (the worker reads RabbitMQ's "
+            "``x-delivery-count``; 20 is RabbitMQ 4's own default limit)."),
     Setting("TASKS_QUEUE_MAX_PRIORITY", "queue_max_priority", None, (int,),
             "RabbitMQ: declare queues with ``x-max-priority`` (e.g. 10) so that messages "
             "with a higher ``priority`` are delivered first. Classic queues only. An "

@@ -17,8 +17,8 @@ from kombu.utils.url import sanitize_url
 
 from .delays import is_amqp_url
 
-__all__ = ["OWN_OPTIONS", "BrokerConnection", "broker_connection", "login_refused",
-           "mask_url"]
+__all__ = ["OWN_OPTIONS", "BrokerConnection", "broker_connection", "declaration_refused",
+           "login_refused", "mask_url"]
 
 #: Transport options only flask_tasks' transports (Redis, embedded) read; not
 #: given to kombu's others (py-amqp passes its options on to the socket layer).
@@ -139,3 +139,21 @@ def login_refused(exc: BaseException, url: str | None) -> str | None:
         return (f"The broker at {shown} refused the login: check the user name and password "
                 f"in BROKER_URL ({reply}).")
     return None
+
+
+def declaration_refused(exc: BaseException) -> str | None:
+    """What to fix, in one sentence, when RabbitMQ refused to declare a queue or exchange
+    because it exists with other arguments (``PRECONDITION_FAILED``, 406: another
+    ``x-queue-type``, ``x-max-priority``...); None for any other error.
+
+    Redeclaring never changes an existing queue, and every process that declares it
+    (Celery's included) must ask for the same arguments.
+    """
+    if not type(exc).__module__.startswith("amqp") or getattr(exc, "reply_code", None) != 406:
+        return None
+    reply = (str(getattr(exc, "reply_text", "") or exc).splitlines() or [""])[0]
+    return (f"RabbitMQ refused a declaration: {reply}. A queue keeps the arguments it was "
+            f"first declared with: make TASKS_DEFAULT_QUEUE_TYPE and TASKS_QUEUE_MAX_PRIORITY "
+            f"(and Celery's task_default_queue_type, task_queue_max_priority) match it, or "
+            f"delete it once it is empty (rabbitmqctl delete_queue NAME) so it is declared "
+            f"anew.")

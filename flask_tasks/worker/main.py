@@ -48,7 +48,12 @@ from kombu.mixins import ConsumerMixin
 from ..app_state import AppState
 from ..signals import send_robust, worker_process_init, worker_ready, worker_shutdown
 from ..transport.base import WorkerChannel
-from ..transport.connect import broker_connection, login_refused, mask_url
+from ..transport.connect import (
+    broker_connection,
+    declaration_refused,
+    login_refused,
+    mask_url,
+)
 from ..transport.delays import is_amqp
 from .consumer import Consumer, Settler
 from .dispatch import Dispatcher
@@ -174,10 +179,17 @@ class Worker(ConsumerMixin):
             # bind our queues to its end (imported for RabbitMQ only: py-amqp).
             from ..transport.amqp import bind_queue, declare_ladder
 
-            declare_ladder(channel)
-            for queue in queues:
-                queue(channel).declare()
-                bind_queue(channel, queue)
+            try:
+                declare_ladder(channel)
+                for queue in queues:
+                    queue(channel).declare()
+                    bind_queue(channel, queue)
+            except Exception as exc:  # a queue that exists with other arguments
+                reason = declaration_refused(exc)
+                if reason is None:
+                    raise
+                logger.critical("%s", reason)  # retrying would fail the same way
+                raise SystemExit(EX_CONFIG) from None
         # ConsumerMixin hands us a Consumer class with the channel already bound.
         self._consumers = [consumer_cls(queues=queues, on_message=self.consumer.on_message,
                                         no_ack=False, accept=None)]

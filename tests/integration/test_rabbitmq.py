@@ -162,7 +162,6 @@ def test_quorum_queues_run_tasks_and_cap_deliveries(
     listed = rabbitmq_server.ctl("list_queues", "-p", vhost, "--no-table-headers",
                                  "name", "type", "arguments")
     assert any(line.split()[:2] == ["celery", "quorum"] for line in listed.splitlines()), listed
-    assert "x-delivery-limit" in listed
     once = basic.add.delay(2, 2)
     worker = start_worker(APP, "-c", "1", env=env)
     assert once.get(timeout=15) == 4  # below the limit: it runs
@@ -196,3 +195,26 @@ def test_heartbeats_hold_the_connection_while_a_warm_shutdown_waits_for_a_long_t
     assert slow.get(timeout=5) == 6
     assert rabbitmq_server.log_tail(100_000).count("missed heartbeats") == missed_before
     wait_for(lambda: broker_settled(rabbitmq_vhost), timeout=10)  # acked, not given back
+
+
+def test_a_queue_declared_otherwise_stops_the_worker_and_the_caller_with_what_to_fix(
+        rabbitmq_vhost: str, redis_url: str, basic_app_on: Any, start_worker) -> None:
+    from kombu import Exchange, Queue
+
+    with Connection(rabbitmq_vhost) as conn:  # as a Celery app with quorum queues would
+        Queue("celery", Exchange("celery", "direct"), "celery",
+              queue_arguments={"x-queue-type": "quorum"})(conn.default_channel).declare()
+    worker = start_worker(APP, "-P", "solo", env=env_for(rabbitmq_vhost, redis_url),
+                          ready=False)
+    assert worker.proc.wait(30) == 78
+    output = worker.output
+    assert "inequivalent arg 'x-queue-type' for queue 'celery'" in output, output
+    assert "TASKS_DEFAULT_QUEUE_TYPE" in output and "Traceback" not in output
+    basic_app_on(rabbitmq_vhost, redis_url)
+    with pytest.raises(ImproperlyConfigured, match="inequivalent arg 'x-queue-type'"):
+        basic.add.delay(1, 2)
+    # Declared alike, it works.
+    config = {"TASKS_DEFAULT_QUEUE_TYPE": "quorum"}
+    basic_app_on(rabbitmq_vhost, redis_url, json.dumps(config))
+    start_worker(APP, "-P", "solo", env=env_for(rabbitmq_vhost, redis_url, **config))
+    assert basic.add.delay(1, 2).get(timeout=15) == 3
