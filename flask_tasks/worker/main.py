@@ -58,6 +58,7 @@ from ..transport.delays import is_amqp
 from .consumer import Consumer, Settler
 from .dispatch import Dispatcher
 from .executor import Job, Outcome, run_job
+from .housekeeping import Housekeeping
 from .leases import LeaseKeeper
 from .pools import POOLS, Pool
 from .revokes import Revokes
@@ -71,12 +72,6 @@ EX_COLD = 2
 #: The broker refused the worker's credentials or virtual host (sysexits' EX_CONFIG).
 EX_CONFIG = 78
 
-#: Seconds between cleanups of expired results.
-CLEANUP_INTERVAL = 3600.0
-#: Seconds between moves of due delayed messages into their queues.
-MOVE_INTERVAL = 0.2
-#: Seconds between trims of the dead letters to their size and age limits.
-TRIM_INTERVAL = 60.0
 #: Seconds between two reads of the broker's heartbeats while the main loop waits
 #: on the pool (RabbitMQ with heartbeats only).
 KEEP_ALIVE_INTERVAL = 1.0
@@ -140,9 +135,7 @@ class Worker(ConsumerMixin):
         self._consumers: list[KombuConsumer] = []
         self._warm = False
         self._cold = False
-        self._last_cleanup = time.monotonic()
-        self._last_move = 0.0
-        self._last_trim = 0.0
+        self.housekeeping = Housekeeping(state, self.queues, self.connection)
         self._dead_lettered_before = 0  # by channels of earlier connections
         self._ready_sent = False  # worker_ready is sent once, not on every reconnect
         self._live: Connection | None = None  # the connection consuming now, if any
@@ -279,15 +272,7 @@ class Worker(ConsumerMixin):
             return
         now = time.monotonic()
         self.revokes.refresh_if_due(now)
-        if now - self._last_move > MOVE_INTERVAL:
-            self._last_move = now
-            self._move_due()
-        if now - self._last_cleanup > CLEANUP_INTERVAL:
-            self._last_cleanup = now
-            self._cleanup()
-        if now - self._last_trim > TRIM_INTERVAL:
-            self._last_trim = now
-            self._trim_dead_letters()
+        self.housekeeping.run_due(channel, now)
 
     def _keep_alive(self) -> None:
         """RabbitMQ with heartbeats: read what the broker sent (its heartbeats) and send
@@ -309,39 +294,6 @@ class Worker(ConsumerMixin):
     def dead_lettered(self) -> int:
         """Broker entries this worker set aside as dead letters since it started."""
         return self._dead_lettered_before + self._channel.dead_lettered
-
-    # -- housekeeping ------------------------------------------------------------------
-    def _move_due(self) -> None:
-        """Move due delayed messages into the queues (brokers that keep them, such as Redis)."""
-        try:
-            moved = self._channel.move_due(self.queues)
-        except self.connection.connection_errors as exc:
-            logger.warning("Moving due delayed messages failed: %s", exc)
-            return
-        if moved:
-            logger.debug("Moved %d due delayed message(s) to their queues", moved)
-
-    def _trim_dead_letters(self) -> None:
-        """Drop dead letters past ``TASKS_DEAD_LETTER_MAX_ENTRIES`` / ``_MAX_AGE``."""
-        store, config = self._channel.dead_letters, self.state.config
-        if store is None:
-            return
-        try:
-            removed = store.trim(config.dead_letter_max_entries, config.dead_letter_max_age)
-        except Exception as exc:  # the broker is away: next time
-            logger.warning("Trimming the dead letters failed: %s", exc)
-            return
-        if removed:
-            logger.info("Dropped %d dead letter(s) past TASKS_DEAD_LETTER_MAX_ENTRIES or "
-                        "TASKS_DEAD_LETTER_MAX_AGE", removed)
-
-    def _cleanup(self) -> None:
-        try:
-            removed = self.state.backend.cleanup()
-            if removed:
-                logger.info("Removed %d expired results", removed)
-        except Exception:
-            logger.exception("Cleaning expired results failed")
 
     def _drain_for_shutdown(self) -> None:
         for consumer in self._consumers:
