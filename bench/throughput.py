@@ -1,14 +1,19 @@
-"""Throughput, latency and memory of flask_tasks against a local Redis or the embedded default.
+"""Throughput, latency and memory of flask_tasks on a local Redis, RabbitMQ or the embedded default.
 
     python bench/throughput.py [--runs 5] [--tasks 10000] [--compare celery]
+    python bench/throughput.py --broker rabbitmq [--runs 5] [--compare celery]
     python bench/throughput.py --broker embedded [--runs 5] [--tasks 10000]
 
 Starts its own ``redis-server`` on a free loopback port (or uses ``--redis-url``);
-with ``--broker embedded``, uses the zero-configuration default instead (no
-``BROKER_URL``/``RESULT_BACKEND``: two SQLite files in a temporary folder).
+with ``--broker rabbitmq``, also its own ``rabbitmq-server`` (Debian's, through
+``tests.helpers.RabbitMQServer``; ~15 s to start) as the broker, one virtual host
+per system, results still in that Redis; with ``--broker embedded``, uses the
+zero-configuration default instead (no ``BROKER_URL``/``RESULT_BACKEND``: two
+SQLite files in a temporary folder).
 Then measures, median of ``--runs`` runs each:
 
-- publish rate: ``noop.delay()`` from one process, tasks/s;
+- publish rate: ``noop.delay()`` from one process, tasks/s (RabbitMQ, ``queued/s``:
+  also until the broker holds them all: Celery does not ask for publisher confirms);
 - drain rate: ``--tasks`` queued no-op tasks, results stored, run by a fresh
   ``flask tasks worker -c 2`` (prefork, ``-l WARNING`` as Celery's default):
   tasks / seconds from the first message taken to the last result stored
@@ -22,7 +27,7 @@ With ``--compare celery`` / ``--compare dramatiq`` (repeatable) the same
 measures run, in the same run and the same way, against a real Celery worker
 (``celery -A bench.celery_app worker -c 2``) and a Dramatiq worker
 (``dramatiq bench.dramatiq_app -p 2 -t 8``), same no-op task with results
-stored, same Redis; ratios are printed. Needs ``pip install celery
+stored, same Redis (and same RabbitMQ); ratios are printed. Needs ``pip install celery
 "dramatiq[redis]"`` for those. Not a test: nothing is asserted.
 """
 
@@ -88,6 +93,20 @@ def redis_server(url: str | None) -> Iterator[str]:
 
 
 @contextmanager
+def rabbitmq_server() -> Iterator[Any]:
+    """A private rabbitmq-server (``tests.helpers.RabbitMQServer``), closed on exit."""
+    from tests.helpers import RabbitMQServer
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-rabbitmq-"))
+    server = RabbitMQServer(workdir).start()
+    try:
+        yield server
+    finally:
+        server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
 def embedded_folder() -> Iterator[str]:
     """A temporary instance folder for the embedded broker and results."""
     folder = tempfile.mkdtemp(prefix="bench-embedded-")
@@ -113,6 +132,48 @@ class RedisStore:
     def stored(self, keys: list[str]) -> int:
         """How many of ``keys`` have a result."""
         return sum(int(self.client.exists(*keys[i:i + 1000])) for i in range(0, len(keys), 1000))
+
+
+class RabbitStore(RedisStore):
+    """Messages in a RabbitMQ virtual host, results in a Redis database."""
+
+    def __init__(self, broker_url: str, redis_url: str) -> None:
+        from kombu import Connection
+
+        super().__init__(redis_url)
+        self.connection = Connection(broker_url)
+        self._channel: Any = None
+
+    def _queue(self, name: str, purge: bool = False) -> int:
+        """Ready messages in queue ``name`` (0 if it does not exist yet); purge them first."""
+        from amqp.exceptions import NotFound
+
+        if self._channel is None:
+            self._channel = self.connection.channel()
+        try:
+            if purge:
+                self._channel.queue_purge(name)
+            return int(self._channel.queue_declare(name, passive=True).message_count)
+        except NotFound:  # the broker closed the channel
+            self._channel = None
+            return 0
+
+    def flush(self) -> None:
+        super().flush()
+        self._queue("celery", purge=True)
+
+    def waiting(self, queue_key: str) -> int:
+        return self._queue(queue_key)
+
+    def settle(self, queue_key: str, n: int, interval: float = 0.01) -> None:
+        """Wait until the broker holds the ``n`` messages just published (without
+        publisher confirms a publish returns before RabbitMQ has queued the message)."""
+        deadline = time.monotonic() + 120
+        while self.waiting(queue_key) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {self.waiting(queue_key)} of {n} messages in "
+                                 f"{queue_key!r} after 120 s")
+            time.sleep(interval)
 
 
 class EmbeddedStore:
@@ -162,14 +223,21 @@ class Side:
     """One system under test: send a no-op, find its result, start a worker.
 
     :param url: the Redis URL, or ``embedded:<folder>`` for the embedded default.
+    :param broker_url: the broker, when it is not ``url`` (RabbitMQ; results stay in Redis).
     """
 
-    def __init__(self, name: str, url: str, extra_args: list[str] | None = None) -> None:
+    def __init__(self, name: str, url: str, extra_args: list[str] | None = None,
+                 broker_url: str | None = None) -> None:
         self.name = name
         self.url = url
         self.embedded = url.startswith("embedded:")
         self.store: RedisStore | EmbeddedStore
-        if self.embedded:
+        if broker_url:
+            self.store = RabbitStore(broker_url, url)
+            self.env = {**os.environ, "BENCH_REDIS_URL": url, "BENCH_BROKER_URL": broker_url,
+                        "PYTHONPATH": str(ROOT)}
+            os.environ.update(BENCH_REDIS_URL=url, BENCH_BROKER_URL=broker_url)
+        elif self.embedded:
             folder = url.partition(":")[2]
             self.store = EmbeddedStore(folder)
             self.env = {**os.environ, "BENCH_EMBEDDED_DIR": folder, "PYTHONPATH": str(ROOT)}
@@ -239,11 +307,29 @@ def measure_publish(side: Side, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def measure_publish_queued(side: Side, n: int) -> float:
+    """RabbitMQ: n / (first ``send()`` .. the broker holds all n in the queue).
+
+    Without publisher confirms (Celery's default), ``send()`` returns once the
+    message is written to the socket; this counts until RabbitMQ has queued them.
+    """
+    store = side.store
+    assert isinstance(store, RabbitStore)
+    store.flush()
+    start = time.perf_counter()
+    for _ in range(n):
+        side.send()
+    store.settle(side.queue_key, n, interval=0.001)
+    return n / (time.perf_counter() - start)
+
+
 def measure_drain(side: Side, n: int) -> float:
     """N / (first message taken .. last result stored), the same way for every system."""
     store = side.store
     store.flush()
     keys = [side.result_key(side.send()) for _ in range(n)]
+    if isinstance(store, RabbitStore):
+        store.settle(side.queue_key, n)
     worker = side.start_worker()
     try:
         deadline = time.monotonic() + 300
@@ -299,10 +385,12 @@ def run_all(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, dict[
     for number in range(args.runs):
         for name, side in sides.items():
             lat = measure_latency_and_rss(side, args.samples, args.gap)
-            row = {"publish/s": measure_publish(side, args.tasks),
-                   "drain/s": measure_drain(side, args.tasks),
-                   "p50 ms": lat[0], "p99 ms": lat[1], "rss main MiB": lat[2],
-                   "rss total MiB": lat[3]}
+            row = {"publish/s": measure_publish(side, args.tasks)}
+            if isinstance(side.store, RabbitStore):
+                row["queued/s"] = measure_publish_queued(side, args.tasks)
+            row |= {"drain/s": measure_drain(side, args.tasks),
+                    "p50 ms": lat[0], "p99 ms": lat[1], "rss main MiB": lat[2],
+                    "rss total MiB": lat[3]}
             for key, value in row.items():
                 raw[name].setdefault(key, []).append(value)
             figures = "  ".join(f"{k} {v:.1f}" for k, v in row.items())
@@ -319,9 +407,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500, help="round trips per latency run")
     parser.add_argument("--gap", type=float, default=0.0, metavar="S",
                         help="pause S seconds (plus up to 0.1 s at random) before each round trip")
-    parser.add_argument("--broker", choices=["redis", "embedded"], default="redis",
-                        help="redis (default), or embedded: the zero-configuration default "
-                             "(SQLite broker and results in a temporary folder)")
+    parser.add_argument("--broker", choices=["redis", "rabbitmq", "embedded"], default="redis",
+                        help="redis (default); rabbitmq: a private rabbitmq-server as the "
+                             "broker, results in Redis; or embedded: the zero-configuration "
+                             "default (SQLite broker and results in a temporary folder)")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     parser.add_argument("--compare", choices=["celery", "dramatiq"], action="append", default=[],
                         help="also measure this system in the same run (repeatable)")
@@ -332,17 +421,37 @@ def main() -> None:
     if args.broker == "embedded" and args.compare:
         parser.error("--compare needs Redis (Celery and Dramatiq run on it): "
                      "drop --broker embedded")
-    with (embedded_folder() if args.broker == "embedded" else redis_server(args.redis_url)) as url:
-        print(f"{args.broker}: {url.partition('embedded:')[2] or url}, runs: {args.runs}, "
-              f"tasks: {args.tasks}, samples: {args.samples}, gap: {args.gap} s, "
-              f"cpus: {os.cpu_count()}")
-        sides = {"flask_tasks": Side("flask_tasks", url)}
-        if args.also:
-            sides["ft " + args.also.replace("--prefetch-multiplier", "-m")] = Side(
-                "flask_tasks", url, args.also.split())
-        for other in args.compare:
-            sides[other] = Side(other, url)
-        results = run_all(sides, args)
+    if args.broker == "rabbitmq" and "dramatiq" in args.compare:
+        parser.error("--broker rabbitmq compares with Celery only")
+    if args.broker == "rabbitmq":
+        with rabbitmq_server() as rabbit, redis_server(args.redis_url) as url:
+            # One virtual host per system: their queues and exchanges never meet.
+            brokers = {name: rabbit.add_vhost(name) for name in ["flask_tasks", *args.compare]}
+            versions = rabbit.ctl("eval", "rabbit_misc:version().").strip()
+            print(f"rabbitmq {versions}: {rabbit.url} (vhosts {', '.join(brokers)}), "
+                  f"results: {url}, runs: {args.runs}, tasks: {args.tasks}, "
+                  f"samples: {args.samples}, gap: {args.gap} s, cpus: {os.cpu_count()}",
+                  flush=True)
+            sides = {"flask_tasks": Side("flask_tasks", url, broker_url=brokers["flask_tasks"])}
+            if args.also:
+                sides["ft " + args.also.replace("--prefetch-multiplier", "-m")] = Side(
+                    "flask_tasks", url, args.also.split(), broker_url=brokers["flask_tasks"])
+            for other in args.compare:
+                sides[other] = Side(other, url, broker_url=brokers[other])
+            results = run_all(sides, args)
+    else:
+        with (embedded_folder() if args.broker == "embedded"
+              else redis_server(args.redis_url)) as url:
+            print(f"{args.broker}: {url.partition('embedded:')[2] or url}, runs: {args.runs}, "
+                  f"tasks: {args.tasks}, samples: {args.samples}, gap: {args.gap} s, "
+                  f"cpus: {os.cpu_count()}")
+            sides = {"flask_tasks": Side("flask_tasks", url)}
+            if args.also:
+                sides["ft " + args.also.replace("--prefetch-multiplier", "-m")] = Side(
+                    "flask_tasks", url, args.also.split())
+            for other in args.compare:
+                sides[other] = Side(other, url)
+            results = run_all(sides, args)
     names = list(results)
     ratios = [f"ft/{n}" for n in names[1:]]
     title = f"median of {args.runs} runs"
