@@ -96,6 +96,7 @@ class AppState:
                 transport_options=self.config.transport_options,
                 pool_limit=self.config.broker_pool_limit,
                 connect_timeout=self.config.broker_connection_timeout,
+                queue_type=self.config.default_queue_type,
             )
         return self._publisher
 

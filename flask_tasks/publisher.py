@@ -24,6 +24,9 @@ from .transport.delays import delayed_route, is_amqp
 
 logger = logging.getLogger("flask_tasks.publisher")
 
+#: The delay ladder's entry in a connection's declared set (not a queue name).
+_LADDER = "\x00ladder"
+
 
 class Publisher:
     """Sends encoded task messages to the broker.
@@ -39,11 +42,16 @@ class Publisher:
     :param transport_options: kombu transport options.
     :param pool_limit: idle connections kept per process.
     :param connect_timeout: seconds to wait for a connection.
+    :param queue_type: RabbitMQ: the type of the delay ladder's queues (``classic``
+        or ``quorum``: ``TASKS_DEFAULT_QUEUE_TYPE``), declared with the first
+        delayed message on each connection.
     """
 
     def __init__(self, url: str, *, transport_options: Mapping[str, Any] | None = None,
-                 pool_limit: int = 10, connect_timeout: float | None = 4.0) -> None:
+                 pool_limit: int = 10, connect_timeout: float | None = 4.0,
+                 queue_type: str = "classic") -> None:
         self.url = url
+        self.queue_type = queue_type
         self.transport_options = dict(transport_options or {})
         self.pool_limit = pool_limit
         self.connect_timeout = connect_timeout
@@ -97,8 +105,9 @@ class Publisher:
         # routing key, sparing kombu's exchange-table lookup on Redis.
         exchange, routing_key = "", queue.name
         eta = envelope_eta({"headers": message.headers}) if is_amqp(connection) else None
-        if eta is not None and eta > time.time():  # RabbitMQ: down the delay ladder
-            exchange, routing_key = delayed_route(eta, queue.name)
+        delayed = eta is not None and eta > time.time()
+        if delayed:  # RabbitMQ: down the delay ladder
+            exchange, routing_key = delayed_route(eta, queue.name)  # type: ignore[arg-type]
         options = dict(
             exchange=exchange, routing_key=routing_key, content_type=message.content_type,
             content_encoding=message.content_encoding, headers=message.headers,
@@ -107,7 +116,7 @@ class Publisher:
         policy = dict(retry_policy or {})
         try:
             try:
-                self._declare(producer, queue, False, policy)
+                self._declare(producer, queue, False, policy, delayed)
                 producer.publish(message.body, retry=False, **options)
             except connection.recoverable_connection_errors as exc:
                 if type(exc).__name__ == "MessageNacked":  # py-amqp's, without importing it
@@ -120,7 +129,7 @@ class Publisher:
                     raise
                 logger.warning("Publishing task %s failed (%s); retrying.", message.task_id, exc)
                 self._declared.pop(connection, None)
-                self._declare(producer, queue, True, policy)
+                self._declare(producer, queue, True, policy, delayed)
                 producer.publish(message.body, retry=True, retry_policy=policy, **options)
         except BaseException as exc:
             connection.release()  # a fresh connection next time
@@ -132,30 +141,33 @@ class Publisher:
         self._give_back(producer)
 
     def _declare(self, producer: Producer, queue: Queue, retry: bool,
-                 policy: Mapping[str, Any]) -> None:
+                 policy: Mapping[str, Any], delayed: bool) -> None:
+        """Declare ``queue`` once per connection; on RabbitMQ also bind it to the end of
+        the delay ladder, and declare the ladder itself before the first ``delayed``
+        message (an app that never delays declares no ladder)."""
         declared = self._declared.setdefault(producer.connection, set())
+        ladder = delayed and _LADDER not in declared
+        if queue.name in declared and not ladder:
+            return
         if queue.name not in declared:
             producer.maybe_declare(queue, retry, **policy)
-            if is_amqp(producer.connection):
-                self._declare_delays(producer, queue, not declared, retry, policy)
-            declared.add(queue.name)
+        if is_amqp(producer.connection):
+            # Imported for RabbitMQ only: py-amqp is not needed otherwise.
+            from .transport.amqp import bind_queue, declare_ladder
 
-    @staticmethod
-    def _declare_delays(producer: Producer, queue: Queue, ladder: bool, retry: bool,
-                        policy: Mapping[str, Any]) -> None:
-        """RabbitMQ: declare the delay ladder (``ladder``) and bind ``queue`` to its end."""
-        # Imported for RabbitMQ only: py-amqp is not needed otherwise.
-        from .transport.amqp import bind_queue, declare_ladder
+            def declare() -> None:  # on the producer's channel, revived on retry
+                if queue.name not in declared:
+                    bind_queue(producer.channel, queue)
+                if ladder:
+                    declare_ladder(producer.channel, self.queue_type)
 
-        def declare() -> None:
-            if ladder:
-                declare_ladder(producer.channel)  # the producer's channel, revived on retry
-            bind_queue(producer.channel, queue)
-
-        if retry:
-            producer.connection.ensure(producer, declare, **policy)()
-        else:
-            declare()
+            if retry:
+                producer.connection.ensure(producer, declare, **policy)()
+            else:
+                declare()
+        declared.add(queue.name)
+        if ladder:
+            declared.add(_LADDER)
 
     def reset_after_fork(self) -> None:
         """Forget connections inherited from the parent (they belong to it)."""

@@ -7,7 +7,7 @@ prefetch). flask_tasks uses the design Celery 5.5 adopted for quorum queues,
 (:mod:`kombu.transport.native_delayed_delivery`), so Celery and flask_tasks
 processes share one ladder:
 
-- 28 levels of a topic exchange and a quorum queue, ``celery_delayed_27`` down to
+- 28 levels of a topic exchange and a queue, ``celery_delayed_27`` down to
   ``celery_delayed_0``. The queue of level *n* holds messages for ``2**n``
   seconds (``x-message-ttl``) and then dead-letters them into level
   *n - 1*; level 0 dead-letters into the topic exchange
@@ -23,8 +23,10 @@ processes share one ladder:
   durable); the broker holds 100,000 delayed messages as it holds any.
 
 The delay is rounded *up* to a whole second (never early; at most 1 s late).
-:func:`declare_ladder` and :func:`bind_queue` are idempotent and run once per
-connection by the publisher and the worker.
+:func:`bind_queue` runs once per queue and connection (publisher and worker);
+:func:`declare_ladder` once per connection before the first delayed message
+(publisher) or early arrival (worker), with the queues' type
+(``TASKS_DEFAULT_QUEUE_TYPE``): an app that never delays declares no ladder.
 
 Never imports Flask.
 """
@@ -61,16 +63,16 @@ class _OneChannel:
         return self._channel
 
 
-def declare_ladder(channel: Any, queue_type: str = "quorum") -> None:
+def declare_ladder(channel: Any, queue_type: str = "classic") -> None:
     """Declare the delay ladder's exchanges and queues on ``channel`` (idempotent).
 
     kombu's declarations (56 of them), so Celery and flask_tasks share the ladder.
 
-    :param queue_type: ``"quorum"`` (the default, whatever type the task queues
-        are) or ``"classic"`` for the ladder's queues. Quorum queues dead-letter
-        *at least once* (a message moving down the ladder survives a broker
-        crash mid-move; classic queues' dead-lettering may drop it), and Celery
-        declares its ladder as quorum queues: the same declaration lets both share it.
+    :param queue_type: the type of the ladder's queues: the task queues' type
+        (``TASKS_DEFAULT_QUEUE_TYPE``). With quorum queues the ladder is Celery's
+        own (Celery 5.5+ declares it for quorum queues only), and it dead-letters
+        *at least once*; classic queues' dead-lettering is at most once (a broker
+        crash in the middle of a move may drop the message).
     """
     declare_native_delayed_delivery_exchanges_and_queues(
         _OneChannel(channel), queue_type)  # type: ignore[arg-type]  # duck-typed: channel()
@@ -100,11 +102,15 @@ class AmqpChannel(WorkerChannel):
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
+        self._ladder = False  # declared on this channel
 
     def schedule(self, message: Message, queue: str) -> bool:
         eta = envelope_eta({"headers": message.headers})
         if eta is None:
             return False
+        if not self._ladder:
+            declare_ladder(self.channel, self.queue_type)
+            self._ladder = True
         exchange, routing_key = delayed_route(eta, queue)
         properties = message.properties
         kept = {key: properties[key] for key in ("correlation_id", "reply_to", "priority",

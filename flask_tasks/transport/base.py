@@ -94,6 +94,10 @@ class WorkerChannel:
     dead_lettered: int = 0
     #: The worker's node name, written into the dead letters it sets aside.
     node_name: str = ""
+    #: The type the broker's queues are declared with (RabbitMQ: ``classic`` or
+    #: ``quorum``, ``TASKS_DEFAULT_QUEUE_TYPE``), for queues a channel declares
+    #: itself (RabbitMQ's delay ladder).
+    queue_type: str = "classic"
 
     @property
     def dead_letters(self) -> DeadLetters | None:

@@ -168,12 +168,12 @@ class Worker(ConsumerMixin):
         channel.basic_qos(0, self.prefetch_count, False)
         queues = [self.state.router.queue(name) for name in self.queues]
         if is_amqp(self.connection):
-            # RabbitMQ keeps delayed messages on a ladder of queues: declare it, and
-            # bind our queues to its end (imported for RabbitMQ only: py-amqp).
-            from ..transport.amqp import bind_queue, declare_ladder
+            # RabbitMQ keeps delayed messages on a ladder of queues: bind our queues
+            # to its end (imported for RabbitMQ only: py-amqp). The ladder itself is
+            # declared by whoever first sends a delayed message down it.
+            from ..transport.amqp import bind_queue
 
             try:
-                declare_ladder(channel)
                 for queue in queues:
                     queue(channel).declare()
                     bind_queue(channel, queue)
@@ -225,6 +225,7 @@ class Worker(ConsumerMixin):
         self._dead_lettered_before += self._channel.dead_lettered  # the lost connection's
         self._channel = self.settler.attach(channel)
         self._channel.node_name = self.hostname  # written into the dead letters it sets aside
+        self._channel.queue_type = self.state.config.default_queue_type
         self._live = connection
         try:
             yield

@@ -218,3 +218,39 @@ def test_a_queue_declared_otherwise_stops_the_worker_and_the_caller_with_what_to
     basic_app_on(rabbitmq_vhost, redis_url, json.dumps(config))
     start_worker(APP, "-P", "solo", env=env_for(rabbitmq_vhost, redis_url, **config))
     assert basic.add.delay(1, 2).get(timeout=15) == 3
+
+
+def test_quorum_queues_delay_on_a_quorum_ladder_as_celery_declares_it(
+        rabbitmq_server: RabbitMQServer, redis_url: str, basic_app_on: Any,
+        start_worker) -> None:
+    # A vhost of its own, left in place: RabbitMQ 3.10's at-least-once dead-letter
+    # workers of quorum queues crash when their vhost is deleted, which can take the
+    # session's node down with them.
+    name = f"quorum-{uuid.uuid4().hex[:8]}"
+    url = rabbitmq_server.add_vhost(name)
+    config = {"TASKS_DEFAULT_QUEUE_TYPE": "quorum"}
+    basic_app_on(url, redis_url, json.dumps(config))
+    start_worker(APP, "-c", "1", env=env_for(url, redis_url, **config))
+    sent = time.time()
+    result = basic.add.apply_async((2, 3), countdown=2)
+    assert result.get(timeout=15) == 5
+    ran_after = result.date_done.timestamp() - sent  # type: ignore[union-attr]
+    assert 2.0 <= ran_after < 4.5, ran_after
+    listed = rabbitmq_server.ctl("list_queues", "-p", name, "--no-table-headers", "name", "type")
+    types = dict(line.split()[:2] for line in listed.splitlines() if len(line.split()) >= 2)
+    assert types["celery"] == "quorum" and types["celery_delayed_0"] == "quorum", types
+    assert len([queue for queue in types if queue.startswith("celery_delayed_")]) == 28
+
+
+def test_an_app_that_never_delays_declares_no_ladder(
+        rabbitmq_server: RabbitMQServer, rabbitmq_vhost: str, redis_url: str,
+        basic_app_on: Any, start_worker) -> None:
+    basic_app_on(rabbitmq_vhost, redis_url)
+    start_worker(APP, "-c", "1", env=env_for(rabbitmq_vhost, redis_url))
+    assert basic.add.delay(1, 1).get(timeout=15) == 2
+    vhost = rabbitmq_vhost.rsplit("/", 1)[1]
+    listed = rabbitmq_server.ctl("list_queues", "-p", vhost, "--no-table-headers", "name")
+    assert listed.split() == ["celery"], listed
+    assert basic.add.apply_async((2, 2), countdown=1).get(timeout=15) == 4
+    listed = rabbitmq_server.ctl("list_queues", "-p", vhost, "--no-table-headers", "name")
+    assert len(listed.split()) == 29, listed  # the ladder, declared by the first delay
