@@ -8,6 +8,7 @@ Backends never import Flask.
 from __future__ import annotations
 
 from .base import Backend, DisabledBackend
+from .chords import ChordClaim, ChordPart
 from .urls import make_backend
 
-__all__ = ["Backend", "DisabledBackend", "make_backend"]
+__all__ = ["Backend", "ChordClaim", "ChordPart", "DisabledBackend", "make_backend"]

@@ -28,6 +28,7 @@ from .. import states
 from ..exceptions import DecodeError, EncodeError, ImproperlyConfigured, TimeoutError
 from ..protocol import exception_to_dict
 from ..result import OnMessage
+from .chords import GroupStore
 
 logger = logging.getLogger("flask_tasks.backends")
 
@@ -36,7 +37,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-class Backend:
+class Backend(GroupStore):
     """Base class of result backends.
 
     :param serializer: kombu serializer name for stored values (default ``json``).
@@ -53,7 +54,8 @@ class Backend:
     Subclasses implement :meth:`_set`, :meth:`_get`, :meth:`_delete` and may
     override :meth:`wait_for` (when they can be woken instead of polled),
     :meth:`cleanup` (when expired results are not removed by the store itself)
-    and :meth:`exception_safe_to_retry`.
+    and :meth:`exception_safe_to_retry`. Groups and chords: see
+    :class:`~flask_tasks.backends.chords.GroupStore`.
     """
 
     #: True when :meth:`wait_for` must poll (``interval`` applies).
@@ -327,6 +329,9 @@ class DisabledBackend(Backend):
 
     disabled = True
     polls = False
+    no_groups = ("No result backend is configured (RESULT_BACKEND = 'disabled'), so groups "
+                 "cannot be saved nor chords counted. Set RESULT_BACKEND, e.g. "
+                 "'redis://localhost:6379/1'.")
 
     def _set(self, task_id: str, meta: dict[str, Any]) -> None:
         return None

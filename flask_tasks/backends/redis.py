@@ -5,12 +5,17 @@ an expiry of ``expires`` seconds) and is also ``PUBLISH``-ed on a channel of
 the same name, in one pipelined round trip. :meth:`RedisBackend.wait_for`
 subscribes to that channel, so ``AsyncResult.get()`` wakes as soon as the
 result is stored instead of polling.
+
+Groups and chords use Celery 5.7's keys (``celery-taskset-meta-<group id>``
+and its ``.j`` ``.t`` ``.s`` ``.d`` ``.c`` companions, see
+:mod:`.redis_chords`), so Celery and flask_tasks may share a chord.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -19,9 +24,12 @@ from .. import states
 from .._redis import round_trip
 from ..exceptions import TimeoutError
 from ..result import OnMessage
+from . import redis_chords
 from .base import Backend
+from .chords import ChordClaim, group_value, seconds
 
 KEY_PREFIX = "celery-task-meta-"
+GROUP_PREFIX = redis_chords.GROUP_PREFIX
 REVOKED_KEY = "flask_tasks-revoked"
 
 
@@ -161,6 +169,41 @@ class RedisBackend(Backend):
             task_id, _, terminate = member.decode().rpartition("|")
             found[task_id] = found.get(task_id, False) or terminate == "1"
         return found
+
+    # -- groups and chords: Celery's keys ------------------------------------
+    def _save_group(self, group_id: str, value: Mapping[str, Any]) -> None:
+        """``SET`` (with the results' expiry) and ``PUBLISH``, as Celery's ``_save_group``."""
+        key = GROUP_PREFIX + group_id
+        data = self.encode({"result": group_value(group_id, value)})
+        expires = seconds(self.expires)
+        store = ("SET", key, data, "EX", expires) if expires else ("SET", key, data)
+        round_trip(self.client, store, ("PUBLISH", key, data))
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        data = self.client.get(GROUP_PREFIX + group_id)
+        return None if data is None else dict(self.decode(data))
+
+    def _delete_group(self, group_id: str) -> None:
+        self.client.delete(GROUP_PREFIX + group_id)
+
+    def _set_chord_size(self, group_id: str, size: int) -> None:
+        redis_chords.set_size(self.client, group_id, size, seconds(self.expires))
+
+    def _add_to_chord(self, group_id: str, n: int) -> None:
+        self.client.incrby(GROUP_PREFIX + group_id + ".t", n)
+
+    def _chord_part_return(self, group_id: str, task_id: str, group_index: int | None,
+                           state: str, result: Any, token: str,
+                           claim_expires: float) -> ChordClaim | None:
+        return redis_chords.part_return(self.client, self.encode, self.decode, group_id,
+                                        task_id, group_index, state, result, token,
+                                        claim_expires, seconds(self.expires))
+
+    def _chord_claim_extend(self, claim: ChordClaim, expires: float) -> bool:
+        return redis_chords.claim_extend(self.client, claim, expires)
+
+    def _chord_done(self, claim: ChordClaim, done_expires: float) -> bool:
+        return redis_chords.done(self.client, claim, done_expires)
 
     def reset_after_fork(self) -> None:
         self._client = None

@@ -9,6 +9,9 @@ The ``result`` column holds a pickle, as in Celery; we only ever write
 JSON-shaped values there and read it back with an unpickler that accepts
 plain data types only (containers, numbers, strings, dates), so a tampered
 row cannot run code. SQL databases are polled by ``AsyncResult.get()``.
+
+Groups and chords: :mod:`.sql_chords` (Celery's ``celery_tasksetmeta`` for
+groups, our own tables for chord counters).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,7 +48,9 @@ from sqlalchemy.types import TypeDecorator
 
 from .. import states
 from ..exceptions import DecodeError
+from . import sql_chords
 from .base import Backend
+from .chords import ChordClaim, group_value
 
 _SAFE_GLOBALS = {
     ("datetime", "datetime"), ("datetime", "date"), ("datetime", "time"),
@@ -177,11 +182,13 @@ class SQLBackend(Backend):
             self._pid = os.getpid()
         if self._engine is None:
             engine = self._engine_factory() if self._engine_factory else make_engine(self.url or "")
+            tables = [taskmeta, revoked_table, *sql_chords.TABLES]
             try:
                 metadata.create_all(engine, tables=[taskmeta, revoked_table], checkfirst=True)
+                sql_chords.metadata.create_all(engine, checkfirst=True)
             except (OperationalError, ProgrammingError):
                 # Another process created it between our check and CREATE TABLE.
-                if not all(inspect(engine).has_table(t.name) for t in (taskmeta, revoked_table)):
+                if not all(inspect(engine).has_table(t.name) for t in tables):
                     raise
             self._engine = engine
         return self._engine
@@ -267,12 +274,60 @@ class SQLBackend(Backend):
             return {row.task_id: bool(row.terminate) for row in rows}
 
     def cleanup(self) -> int:
-        """Delete results older than ``expires`` seconds; returns how many."""
-        if not self.expires:
-            return 0
-        cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=self.expires)
+        """Delete results and groups older than ``expires`` seconds, and expired chords.
+
+        :returns: how many rows were removed.
+        """
         with self.engine.begin() as conn:
-            return conn.execute(delete(taskmeta).where(taskmeta.c.date_done < cutoff)).rowcount or 0
+            removed = sql_chords.cleanup(conn, self.expires)
+            if not self.expires:
+                return removed
+            cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=self.expires)
+            return removed + (conn.execute(delete(taskmeta).where(taskmeta.c.date_done < cutoff))
+                              .rowcount or 0)
+
+    # -- groups and chords ---------------------------------------------------
+    def _save_group(self, group_id: str, value: Mapping[str, Any]) -> None:
+        data = self.encode(group_value(group_id, value))
+        with self.engine.begin() as conn:
+            sql_chords.save_group(conn, group_id, data)
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            found = sql_chords.restore_group(conn, group_id)
+        if found is None:
+            return None
+        data, done = found
+        return {"result": self.decode(data),
+                "date_done": None if done is None else done.replace(tzinfo=UTC).isoformat()}
+
+    def _delete_group(self, group_id: str) -> None:
+        with self.engine.begin() as conn:
+            sql_chords.delete_group(conn, group_id)
+
+    def _set_chord_size(self, group_id: str, size: int) -> None:
+        with self.engine.begin() as conn:
+            sql_chords.set_size(conn, group_id, size, self.expires)
+
+    def _add_to_chord(self, group_id: str, n: int) -> None:
+        with self.engine.begin() as conn:
+            sql_chords.add(conn, group_id, n, self.expires)
+
+    def _chord_part_return(self, group_id: str, task_id: str, group_index: int | None,
+                           state: str, result: Any, token: str,
+                           claim_expires: float) -> ChordClaim | None:
+        with self.engine.begin() as conn:
+            return sql_chords.part_return(conn, self.encode, self.decode, group_id, task_id,
+                                          group_index, state, result, token, claim_expires,
+                                          self.expires)
+
+    def _chord_claim_extend(self, claim: ChordClaim, expires: float) -> bool:
+        with self.engine.begin() as conn:
+            return sql_chords.claim_extend(conn, claim, expires)
+
+    def _chord_done(self, claim: ChordClaim, done_expires: float) -> bool:
+        with self.engine.begin() as conn:
+            return sql_chords.done(conn, claim, done_expires)
 
     def reset_after_fork(self) -> None:
         if self._engine is not None:

@@ -9,6 +9,7 @@ import pytest
 from flask_tasks import states
 from flask_tasks.backends.base import Backend
 from flask_tasks.result import AsyncResult
+from tests.contract import group_contract
 
 
 def unknown_id_is_pending(backend: Backend) -> None:
@@ -79,4 +80,5 @@ def revokes(backend: Backend) -> None:
 
 
 CASES = [unknown_id_is_pending, success_round_trip, failure_round_trip, custom_state,
-         overwrite_keeps_latest, forget, get_wakes_when_stored, celery_layout, revokes]
+         overwrite_keeps_latest, forget, get_wakes_when_stored, celery_layout, revokes,
+         *group_contract.CASES]

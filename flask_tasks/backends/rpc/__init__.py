@@ -82,6 +82,11 @@ class RPCBackend(Backend):
     :raises ImproperlyConfigured: the broker is not RabbitMQ.
     """
 
+    no_groups = ("RESULT_BACKEND = 'rpc://' cannot save groups nor count chords: its "
+                 "results are messages to the caller, not records other workers can read "
+                 "(Celery's rpc backend cannot either). Use a Redis or SQL result backend "
+                 "for groups and chords.")
+
     polls = False
 
     def __init__(self, broker_url: str | None, *,
