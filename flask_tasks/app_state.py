@@ -16,9 +16,10 @@ from flask import Flask, current_app, has_app_context
 
 from . import on_commit, states
 from .backends import Backend, make_backend
+from .builtins import builtin_tasks
 from .config import Config
 from .exceptions import ImproperlyConfigured, NotRegistered
-from .options import CallOptions, check_call_options, first, resolve
+from .options import CallOptions, as_list, check_call_options, first, resolve
 from .protocol import accept_set, build, parse
 from .publisher import Publisher
 from .registry import Registry, shared_registry, unknown_task_message
@@ -29,6 +30,11 @@ from .task import Task, current_request
 from .trace import trace_task
 from .transport.delays import is_amqp_url
 from .transport.embedded import url_for_path
+
+#: The options eager mode carries into the message it builds (the canvas's);
+#: ``apply()`` uses these (and ``task_id``, ``throw``) and ignores others, as Celery's.
+EAGER_OPTIONS = frozenset({"link", "link_error", "chain", "group_id", "group_index",
+                           "parent_id", "root_id"})
 
 #: The embedded broker's SQLite file, in ``TASKS_EMBEDDED_DIR`` (the app's instance folder).
 EMBEDDED_BROKER_FILE = "flask_tasks-broker.sqlite"
@@ -106,8 +112,9 @@ class AppState:
                            revokes_expires=self.config.revokes_expires)
 
     def get_task(self, name: str) -> Task[Any, Any] | None:
-        """The task registered as ``name`` on this app's ``Tasks`` or as a shared task."""
-        return self.registry.get(name) or shared_registry.get(name)
+        """The task registered as ``name`` on this app's ``Tasks``, as a shared task, or
+        built in (``celery.map``, ``celery.starmap``, ``celery.chunks``)."""
+        return self.registry.get(name) or shared_registry.get(name) or builtin_tasks.get(name)
 
     def task_names(self) -> list[str]:
         """Every task name this app can run, sorted."""
@@ -136,8 +143,9 @@ class AppState:
             local = task or self.get_task(name)
             if local is None:
                 raise NotRegistered(unknown_task_message(name, len(self.task_names())))
+            canvas: dict[str, Any] = {k: v for k, v in options.items() if k in EAGER_OPTIONS}
             return self.apply_eagerly(local, tuple(args or ()), dict(kwargs or {}),
-                                      task_id=options.get("task_id"))
+                                      task_id=options.get("task_id"), **canvas)
         call = resolve(options, task, config, current_request.get())
         reply_to = call.reply_to if call.reply_to is not None \
             else self.backend.on_task_call(call.task_id)
@@ -153,6 +161,48 @@ class AppState:
         send_robust(after_task_publish, name, body=message.body_tuple, headers=message.headers,
                     exchange=queue.exchange.name, routing_key=queue.routing_key)
         return self.result(call.task_id, name)
+
+    def send_many(self, calls: Sequence[tuple[str, Sequence[Any], Mapping[str, Any],
+                                              Task[Any, Any] | None, CallOptions]]
+                  ) -> list[AsyncResult[Any]]:
+        """Send several task messages in as few broker round trips as the transport allows.
+
+        Each call is ``(name, args, kwargs, task, options)`` as for
+        :meth:`send_task`; all are encoded (and checked) before any is sent, so
+        an argument that cannot be encoded sends nothing. A group is sent this
+        way. The publish retry options of the first call apply to all.
+
+        :raises: as :meth:`send_task`.
+        """
+        config = self.config
+        if config.always_eager or not calls:
+            return [self.send_task(name, args, kwargs, task=task, **options)
+                    for name, args, kwargs, task, options in calls]
+        parent = current_request.get()
+        items, sent, first_call = [], [], None
+        for name, args, kwargs, task, options in calls:
+            call = resolve(options, task, config, parent)
+            first_call = first_call or call
+            reply_to = call.reply_to if call.reply_to is not None \
+                else self.backend.on_task_call(call.task_id)
+            message = call.message(name, args, kwargs, reply_to)
+            queue = self.router.queue(self.router.queue_name(name, args, kwargs,
+                                                             {"queue": call.queue}))
+            items.append((message, queue, call.priority, call.compression))
+            sent.append((name, message, queue, call))
+        for name, message, queue, call in sent:
+            send_robust(before_task_publish, name, body=message.body_tuple,
+                        exchange=queue.exchange.name, routing_key=queue.routing_key,
+                        headers=message.headers, properties=message.properties,
+                        declare=[queue], retry_policy=call.retry_policy)
+        assert first_call is not None
+        self.publisher.publish_many(items, retry=first_call.retry,
+                                    retry_policy=first_call.retry_policy)
+        for name, message, queue, _ in sent:
+            send_robust(after_task_publish, name, body=message.body_tuple,
+                        headers=message.headers, exchange=queue.exchange.name,
+                        routing_key=queue.routing_key)
+        return [self.result(call.task_id, name) for name, _, _, call in sent]
 
     def send_on_commit(self, name: str, args: Sequence[Any] | None = None,
                        kwargs: Mapping[str, Any] | None = None, *,
@@ -178,13 +228,19 @@ class AppState:
         """
         task_id = task_id or str(uuid.uuid4())
         serializer = first(task.serializer, default=self.config.serializer)
+        canvas: dict[str, Any] = {
+            "callbacks": as_list(options.get("link")),
+            "errbacks": as_list(options.get("link_error")),
+            "chain": options.get("chain"), "group_id": options.get("group_id"),
+            "group_index": options.get("group_index"), "parent_id": options.get("parent_id"),
+            "root_id": options.get("root_id")}
         app = self._app()
         if app is None:
             raise RuntimeError("The app of this Tasks state is gone")
         retries = 0
         while True:
             message = build(task.name, task_id, args, kwargs, serializer=serializer,
-                            retries=retries)
+                            retries=retries, **canvas)
             request = parse(message.headers, message.body, message.content_type,
                             message.content_encoding, self.accept, message.properties)
             request.is_eager = True

@@ -12,13 +12,14 @@ from flask import Flask, current_app, has_app_context
 
 from . import config as config_module
 from .app_state import AppState
+from .canvas import CanvasApp, use_app_resolver
 from .cli import tasks_cli
 from .control import Control
 from .exceptions import ImproperlyConfigured
 from .options import CallOptions
-from .registry import Registry, shared_registry
-from .result import AsyncResult
-from .task import Task, make_task
+from .registry import Registry, make_task, shared_registry
+from .result import AsyncResult, GroupResult
+from .task import Task, current_state
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -180,6 +181,20 @@ class Tasks:
         """
         return self.state().result(task_id)
 
+    def GroupResult(self, group_id: str) -> GroupResult:  # noqa: N802 - Celery's name
+        """The group saved with :meth:`GroupResult.save` as ``group_id``, restored.
+
+        :raises LookupError: no group of that id is stored (never saved, or expired).
+        :raises NotImplementedError: the result backend cannot store groups.
+        """
+        state = self.state()
+        found = GroupResult.restore(group_id, state.backend, state.result)
+        if found is None:
+            raise LookupError(f"No group {group_id!r} is stored in the result backend: "
+                              f"call .save() on its GroupResult first (it expires with "
+                              f"TASKS_RESULT_EXPIRES).")
+        return found
+
     @property
     def control(self) -> Control:
         """Remote control of workers: ``tasks.control.revoke(task_id, terminate=False)``."""
@@ -293,6 +308,15 @@ def shared_task(
         return task
 
     return decorator(fn) if fn is not None else decorator
+
+
+def _canvas_app() -> CanvasApp:
+    """The app an unbound signature is sent with: the running task's, else the current one."""
+    state = current_state.get()
+    return state if state is not None else _current_app_tasks.state()
+
+
+use_app_resolver(_canvas_app)
 
 
 def _reset_after_fork() -> None:

@@ -3,8 +3,8 @@
 :class:`CallOptions` declares what ``apply_async`` and ``Tasks.send_task``
 accept (a ``TypedDict``, so mypy checks the keyword names and types of every
 call), :class:`RetryOptions` the same without ``countdown`` and ``eta`` for
-``Task.retry``; canvas signatures will carry the same keys in their
-``options``. :data:`TASK_OPTIONS` names what ``@tasks.task(...)`` accepts.
+``Task.retry``; canvas signatures carry the same keys in their ``options``.
+:data:`TASK_OPTIONS` names what ``@tasks.task(...)`` accepts.
 
 Every option falls back the same way: the call's value, else the task's
 attribute of the same name, else the app's ``TASKS_*`` setting; ``None``
@@ -268,8 +268,8 @@ def resolve(options: CallOptions, task: TaskDefaults | None, config: Config,
         retry=first(call.get("retry"), default=config.publish_retry),
         retry_policy=policy,
         headers=call.get("headers"),
-        callbacks=_as_list(call.get("link")),
-        errbacks=_as_list(call.get("link_error")),
+        callbacks=as_list(call.get("link")),
+        errbacks=as_list(call.get("link_error")),
         retries=call.get("retries", 0),
         root_id=call.get("root_id") or ((sender.root_id or sender.id) if sender else None),
         parent_id=call.get("parent_id") or (sender.id if sender else None),
@@ -335,9 +335,13 @@ def _seconds(value: Any) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-def _as_list(value: Any) -> list[Any] | None:
+def as_list(value: Any) -> list[Any] | None:
     """``link`` / ``link_error`` as a list of signature dicts (None: none)."""
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else [value]
-    return [dict(item) if isinstance(item, Mapping) else item for item in items]
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("task"), str):
+            raise TypeError(f"link= and link_error= take signatures (add.s(), "
+                            f"signature('name')), not {type(item).__name__}: {item!r:.100}")
+    return [item if isinstance(item, dict) else dict(item) for item in items]

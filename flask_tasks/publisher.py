@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kombu.connection import Connection
@@ -137,6 +137,67 @@ class Publisher:
                 if isinstance(exc, Exception) else None
             if refused is not None:
                 raise ImproperlyConfigured(refused) from exc
+            raise
+        self._give_back(producer)
+
+    def publish_many(self, items: Sequence[tuple[Message, Queue, int | None, str | None]], *,
+                     retry: bool = True, retry_policy: Mapping[str, Any] | None = None,
+                     batch_size: int = 1000) -> None:
+        """Publish ``(message, queue, priority, compression)`` items in few round trips.
+
+        Where the transport batches (Redis: kombu's ``Producer.batch``, one
+        pipeline per ``batch_size`` messages) the messages go out together;
+        elsewhere (RabbitMQ, the embedded broker) one by one through
+        :meth:`publish`. On a connection error the batch is published again
+        one by one through :meth:`publish` with the retry policy (a message
+        the failed batch had written may be sent twice: publishing is at
+        least once).
+
+        :raises: as :meth:`publish`.
+        """
+        if not items:
+            return
+        policy = dict(retry_policy or {})
+        producer = self._take()
+        connection = producer.connection
+        try:
+            batches = not is_amqp(connection) and \
+                getattr(producer.channel, "create_publish_batch", None) is not None
+        except BaseException:
+            connection.release()
+            raise
+        if not batches:
+            self._give_back(producer)
+            for message, queue, priority, compression in items:
+                self.publish(message, queue, priority=priority, compression=compression,
+                             retry=retry, retry_policy=policy)
+            return
+        start = 0
+        try:
+            for start in range(0, len(items), batch_size):
+                part = items[start:start + batch_size]
+                for _, queue, _, _ in part:
+                    self._declare(producer, queue, False, policy, False)
+                with producer.batch(max_size=batch_size + 1):  # flushed at the end only
+                    for message, queue, priority, compression in part:
+                        producer.publish(
+                            message.body, retry=False, exchange="", routing_key=queue.name,
+                            content_type=message.content_type,
+                            content_encoding=message.content_encoding,
+                            headers=message.headers, compression=compression,
+                            priority=priority, delivery_mode=2, **message.properties)
+        except connection.recoverable_connection_errors as exc:
+            connection.release()
+            if not retry:
+                raise
+            logger.warning("Publishing %d tasks failed (%s); publishing them one by one.",
+                           len(items) - start, exc)
+            for message, queue, priority, compression in items[start:]:  # earlier: flushed
+                self.publish(message, queue, priority=priority, compression=compression,
+                             retry=True, retry_policy=policy)
+            return
+        except BaseException:
+            connection.release()
             raise
         self._give_back(producer)
 

@@ -1,12 +1,12 @@
-"""Task registries: name -> :class:`~flask_tasks.task.Task`."""
+"""Task registries: name -> :class:`~flask_tasks.task.Task`; :func:`make_task` makes one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .exceptions import NotRegistered
-from .task import Task
+from .task import Task, TaskOwner
 
 
 class Registry:
@@ -76,3 +76,20 @@ def unknown_task_message(name: str, known: int) -> str:
 
 #: Tasks defined with :func:`flask_tasks.shared_task`, visible to every app.
 shared_registry = Registry()
+
+
+def make_task(fn: Callable[..., Any], tasks: TaskOwner,
+              options: Mapping[str, Any]) -> Task[Any, Any]:
+    """Create the task object for ``fn`` from ``@task`` options.
+
+    ``base`` defaults to :class:`Task`.
+
+    :param tasks: what sends the task (a ``Tasks``, or the shared tasks' owner).
+    """
+    base = options.get("base") or Task
+    if not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"base= must be a subclass of flask_tasks.Task, not {base!r}")
+    task = base()
+    task._tasks = tasks
+    task._bind_function(fn, options)
+    return task

@@ -1,4 +1,5 @@
-"""Task results: :class:`AsyncResult` reads a task's state from the backend.
+"""Task results: :class:`AsyncResult` reads a task's state from the backend;
+:class:`GroupResult` is the results of a group, in order.
 
 ``tasks.AsyncResult(task_id)`` (or ``my_task.AsyncResult(task_id)``) builds
 one for the current app; ``delay()``/``apply_async()`` return one. What a
@@ -8,6 +9,7 @@ result needs from a backend is :class:`ResultStore` (every backend in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -53,12 +55,31 @@ class AsyncResult(Generic[R]):
     """
 
     def __init__(self, id: str, backend: ResultStore, task_name: str | None = None,
-                 revokes_expires: float = 10800.0) -> None:
+                 revokes_expires: float = 10800.0, parent: Any = None) -> None:
         self.id = id
         self.backend = backend
         self.task_name = task_name
         self.revokes_expires = revokes_expires
+        #: The result of the task before this one in a chain (``None``: none known).
+        self.parent: AsyncResult[Any] | GroupResult | None = parent
         self._cache: dict[str, Any] | None = None
+
+    def as_tuple(self) -> tuple[Any, Any]:
+        """Celery's tuple form: ``((id, parent's tuple or None), None)``."""
+        return (self.id, self.parent.as_tuple() if self.parent is not None else None), None
+
+    @property
+    def children(self) -> list[AsyncResult[Any] | GroupResult]:
+        """The results of the tasks this one sent (its callbacks, a chain's next step).
+
+        Read from the stored meta (``children``), as Celery records it; empty
+        until the task is ready, or when the backend records none.
+        """
+        found = self._get_meta().get("children") or []
+        return [result_from_tuple(child, self._child) for child in found]
+
+    def _child(self, task_id: str) -> AsyncResult[Any]:
+        return AsyncResult(task_id, self.backend, revokes_expires=self.revokes_expires)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.id}>"
@@ -202,3 +223,148 @@ class EagerResult(AsyncResult[R]):
 
     def forget(self) -> None:
         """Nothing to forget: eager results are not stored."""
+
+
+class GroupResult:
+    """The results of a group's tasks, in the group's order.
+
+    :param id: the group id (the ``group`` header of each member's message).
+    :param results: the members' results.
+    :param backend: the result backend (for :meth:`save`).
+    """
+
+    def __init__(self, id: str, results: list[Any] | None = None, backend: Any = None,
+                 parent: Any = None) -> None:
+        self.id = id
+        self.results: list[Any] = list(results or [])
+        self.backend = backend
+        self.parent: Any = parent
+
+    def __repr__(self) -> str:
+        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __iter__(self) -> Any:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.results[index]
+
+    @property
+    def children(self) -> list[Any]:
+        """The members' results (as :attr:`results`)."""
+        return self.results
+
+    def ready(self) -> bool:
+        """True once every member is ready."""
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        """True once every member ended SUCCESS."""
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        """True if any member ended FAILURE."""
+        return any(r.failed() for r in self.results)
+
+    def waiting(self) -> bool:
+        """True while a member is not ready."""
+        return not self.ready()
+
+    def completed_count(self) -> int:
+        """How many members ended SUCCESS."""
+        return sum(1 for r in self.results if r.successful())
+
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            interval: float = 0.5) -> list[Any]:
+        """Wait for every member; the values in order (see :meth:`join`)."""
+        return self.join(timeout, propagate, interval)
+
+    def join(self, timeout: float | None = None, propagate: bool = True,
+             interval: float = 0.5) -> list[Any]:
+        """Wait for the members one by one and return their values in order.
+
+        :param timeout: seconds for the whole group (``None``: no limit).
+        :param propagate: raise the first failed member's exception
+            (``False``: it is in the list in that member's place).
+        :raises flask_tasks.exceptions.TimeoutError: not all ready within ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for result in self.results:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            values.append(result.get(timeout=left, propagate=propagate, interval=interval))
+        return values
+
+    def revoke(self, terminate: bool = False, signal: str = "SIGKILL") -> None:
+        """Revoke every member (see :meth:`AsyncResult.revoke`)."""
+        for result in self.results:
+            result.revoke(terminate=terminate, signal=signal)
+
+    def forget(self) -> None:
+        """Forget every member's stored result."""
+        for result in self.results:
+            result.forget()
+
+    def as_tuple(self) -> tuple[Any, Any]:
+        """Celery's tuple form: ``((id, parent's tuple), [member tuples])``."""
+        parent = self.parent.as_tuple() if self.parent is not None else None
+        return (self.id, parent), [r.as_tuple() for r in self.results]
+
+    def save(self) -> GroupResult:
+        """Store the group (Celery's ``celery-taskset-meta-<id>``) so ``tasks.GroupResult(id)``
+        restores it; returns ``self``.
+
+        :raises NotImplementedError: the result backend cannot store groups.
+        """
+        save = getattr(self.backend, "save_group", None)
+        if save is None:
+            raise NotImplementedError(f"The result backend {type(self.backend).__name__} "
+                                      f"cannot store groups.")
+        save(self.id, {"result": self.as_tuple()})
+        return self
+
+    @classmethod
+    def restore(cls, group_id: str, backend: Any,
+                make: Callable[[str], AsyncResult[Any]] | None = None) -> GroupResult | None:
+        """The group saved as ``group_id``, or ``None`` if none was saved.
+
+        :param make: builds a member's result from its id (default: a plain
+            :class:`AsyncResult` on ``backend``).
+        """
+        restore = getattr(backend, "restore_group", None)
+        if restore is None:
+            raise NotImplementedError(f"The result backend {type(backend).__name__} "
+                                      f"cannot store groups.")
+        meta = restore(group_id)
+        if not meta:
+            return None
+        value = meta.get("result") if isinstance(meta, dict) else meta
+        if isinstance(value, GroupResult):
+            return value
+        restored = result_from_tuple(value, make or (lambda i: AsyncResult(i, backend)))
+        if not isinstance(restored, GroupResult):
+            return None
+        restored.backend = backend
+        return restored
+
+
+def result_from_tuple(value: Any, make: Callable[[str], AsyncResult[Any]]) -> Any:
+    """An :class:`AsyncResult` or :class:`GroupResult` from Celery's tuple form.
+
+    :param make: builds a task's result from its id.
+    """
+    node, members = value
+    task_id, parent = node if isinstance(node, (list, tuple)) else (node, None)
+    parent_result = result_from_tuple(parent, make) if parent else None
+    if members is not None:
+        backend = None
+        results = [result_from_tuple(m, make) for m in members]
+        if results:
+            backend = getattr(results[0], "backend", None)
+        return GroupResult(task_id, results, backend=backend, parent=parent_result)
+    result = make(task_id)
+    result.parent = parent_result
+    return result

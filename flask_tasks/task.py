@@ -18,6 +18,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack
 from flask import Flask, has_app_context
 
 from .backends.base import Backend
+from .canvas.task_methods import CanvasMethods
 from .config import Config
 from .exceptions import ImproperlyConfigured, MaxRetriesExceededError, Retry
 from .options import CallOptions, RetryOptions, check_task_options, retry_options
@@ -51,10 +52,14 @@ class TaskApp(Protocol):
                        kwargs: Mapping[str, Any] | None = None, *,
                        task: Task[Any, Any] | None = None,
                        **options: Unpack[CallOptions]) -> AsyncResult[Any]: ...
+    def send_many(self, calls: Sequence[tuple[str, Sequence[Any], Mapping[str, Any],
+                                              Task[Any, Any] | None, CallOptions]]
+                  ) -> list[AsyncResult[Any]]: ...
     def apply_eagerly(self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                       *, task_id: str | None = None, throw: bool | None = None,
                       **options: Any) -> EagerResult[Any]: ...
     def result(self, task_id: str, task_name: str | None = None) -> AsyncResult[Any]: ...
+    def get_task(self, name: str) -> Task[Any, Any] | None: ...
 
 
 class TaskOwner(Protocol):
@@ -76,8 +81,11 @@ class TaskOwner(Protocol):
         """
 
 
-class Task(Generic[P, R]):
+class Task(CanvasMethods, Generic[P, R]):
     """A task. Subclass it and pass ``base=MySubclass`` to share handlers.
+
+    Signatures (``add.s(2)``, ``si``, ``signature``, ``map``, ``starmap``,
+    ``chunks``) come from :class:`~flask_tasks.canvas.task_methods.CanvasMethods`.
 
     Class attributes are the defaults every task of that class gets; each
     ``@tasks.task(...)`` option overrides one. ``None`` means "use the app's
@@ -125,7 +133,7 @@ class Task(Generic[P, R]):
     typing: bool = True
 
     #: What sends this task: the ``Tasks`` that defined it, or, for shared
-    #: tasks, the current app's. Set by :func:`make_task`.
+    #: tasks, the current app's. Set by :func:`flask_tasks.registry.make_task`.
     _tasks: TaskOwner
     _fn: Callable[..., Any] | None = None
     _signature: inspect.Signature | None = None
@@ -184,17 +192,6 @@ class Task(Generic[P, R]):
         """The state that runs this call (see :data:`current_state`), else :meth:`_state`."""
         state = current_state.get()
         return state if state is not None else self._state()
-
-    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        """Check that the call matches the function's signature.
-
-        :raises TypeError: wrong number or names of arguments (as a direct call would).
-        """
-        if self.typing and self._signature is not None:
-            try:
-                self._signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"{self.name}() called with wrong arguments: {exc}") from None
 
     # -- calling ---------------------------------------------------------------
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -397,19 +394,3 @@ class Task(Generic[P, R]):
                      kwargs: Mapping[str, Any], einfo: str | None) -> None:
         """Called in the worker after the task ran, whatever the outcome."""
 
-
-def make_task(fn: Callable[..., Any], tasks: TaskOwner,
-              options: Mapping[str, Any]) -> Task[Any, Any]:
-    """Create the task object for ``fn`` from ``@task`` options.
-
-    ``base`` defaults to :class:`Task`.
-
-    :param tasks: what sends the task (a ``Tasks``, or the shared tasks' owner).
-    """
-    base = options.get("base") or Task
-    if not (isinstance(base, type) and issubclass(base, Task)):
-        raise TypeError(f"base= must be a subclass of flask_tasks.Task, not {base!r}")
-    task = base()
-    task._tasks = tasks
-    task._bind_function(fn, options)
-    return task

@@ -12,11 +12,14 @@ error: the :class:`Outcome` says what happened. One call, in order:
    (with the soft time limit; an ``autoretry_for`` exception becomes
    :meth:`Task.retry`), then one of
 
-   - success: SUCCESS stored, ``on_success``, ``task_success``;
+   - success: the ``link`` callbacks and the chain's next step sent (with
+     the return value; their results are ``request.children``), SUCCESS
+     stored, ``on_success``, ``task_success``;
    - :class:`~flask_tasks.exceptions.Retry`: RETRY stored, ``on_retry``, ``task_retry``;
    - :class:`~flask_tasks.exceptions.Ignore` / :class:`~flask_tasks.exceptions.Reject`:
      nothing stored, the worker acks, rejects or requeues;
-   - an exception: FAILURE stored, ``on_failure``, ``task_failure``;
+   - an exception: FAILURE stored, the ``link_error`` errbacks
+     (:func:`flask_tasks.canvas.callbacks.on_failure`), ``on_failure``, ``task_failure``;
 
    then ``after_return`` (not after a retry, Ignore or Reject) and ``task_postrun``;
    the app context's teardown runs last.
@@ -41,6 +44,7 @@ from typing import Any
 from flask import Flask
 
 from . import states
+from .canvas import callbacks
 from .exceptions import (
     EncodeError,
     Ignore,
@@ -139,13 +143,15 @@ def trace_task(app: Flask, state: TaskApp, task: Task[Any, Any], request: Contex
                 with _SoftLimit(None if request.is_eager
                                 else time_limits(task, request.timelimit, config)[1]):
                     retval = _run(task, args, kwargs)
+                if request.callbacks or request.chain:
+                    # Sent before the result is stored, as Celery does, so that
+                    # the stored meta can name them (request.children).
+                    request.children = callbacks.on_success(state, request, retval)
                 if store:
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
                                          extended=extended, defer=True)
                     _flush_if_watched(state, task)
-                # Later, here: the link callbacks (request.callbacks), the next
-                # step of a chain (request.chain) and the chord's count
-                # (request.chord), after the result is stored, before on_success.
+                # Later, here: the chord's count (request.chord).
                 if request.is_eager:  # what a caller would get back from a worker
                     retval = backend.decode(backend.encode(retval))
             except Retry as exc:
@@ -240,8 +246,9 @@ def _fail(state: TaskApp, task: Task[Any, Any], request: Context, outcome: Outco
             _flush_if_watched(state, task)
         except Exception:
             logger.exception("Could not store the failure of task %s[%s]", task.name, request.id)
-    # Later, here: the link_error callbacks (request.errbacks) and the chord's
-    # error (request.chord), after FAILURE is stored, before on_failure.
+    if request.errbacks:  # after FAILURE is stored, before on_failure; never raises
+        callbacks.on_failure(state, request, exc, text)
+    # Later, here: the chord's error (request.chord).
     _call_handler(task, "on_failure", exc, request.id, request.args, request.kwargs, text)
     send_robust(task_failure, task, task_id=request.id, exception=exc, args=request.args,
                 kwargs=request.kwargs, traceback=text, einfo=text)

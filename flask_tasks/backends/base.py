@@ -180,7 +180,10 @@ class Backend(GroupStore):
             "status": state,
             "result": result,
             "traceback": traceback,
-            "children": [],
+            # What the task sent (link callbacks, the chain's next step), as Celery's
+            # result tuples; set by the worker on the request (``request.children``).
+            "children": [child.as_tuple() for child in getattr(request, "children", None)
+                         or ()],
             "date_done": now_iso() if state in states.READY_STATES else None,
             "task_id": task_id,
         }

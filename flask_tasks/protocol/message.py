@@ -150,6 +150,9 @@ class Context:
     hostname: str | None = None
     called_directly: bool = False
     is_eager: bool = False
+    #: Results of the tasks this call sent from the worker (callbacks, a
+    #: chain's next step): Celery's ``request.children``, stored in the meta.
+    children: list[Any] = field(default_factory=list)
 
 
 def accept_set(names: Sequence[str]) -> set[str]:

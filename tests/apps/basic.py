@@ -211,6 +211,42 @@ def backs_off(tag: str, fail_times: int) -> int:
     return runs
 
 
+@tasks.task
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@tasks.task
+def xsum(numbers: list[int]) -> int:
+    return sum(numbers)
+
+
+def _canvas_note(line: str) -> None:
+    """Append ``line`` to ``canvas.txt`` in the instance folder (what callbacks saw)."""
+    with open(os.path.join(current_app.instance_path, "canvas.txt"), "a") as out:
+        out.write(line + "\n")
+
+
+@tasks.task
+def note(value: object, tag: str) -> object:
+    """A link callback: note the parent's value, return it."""
+    _canvas_note(f"note {tag} {json.dumps(value)}")
+    return value
+
+
+@tasks.task
+def on_error(request: object, exc: BaseException, traceback: str) -> None:
+    """An errback of Celery's new convention: called in the failed task's worker."""
+    _canvas_note(f"on_error {getattr(request, 'id', None)} {type(exc).__name__} "
+                 f"{'Traceback' in traceback}")
+
+
+@tasks.task
+def on_error_id(task_id: str) -> None:
+    """An errback of Celery's old convention: sent as a task with the failed task's id."""
+    _canvas_note(f"on_error_id {task_id}")
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=os.environ.get("TEST_INSTANCE_PATH") or None)
     broker = os.environ.get("TEST_BROKER_URL")

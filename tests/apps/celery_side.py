@@ -24,3 +24,13 @@ def add(x: int, y: int) -> int:
 @app.task(name="tests.apps.basic.fail")
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+@app.task(name="tests.apps.basic.mul")
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@app.task(name="tests.apps.basic.xsum")
+def xsum(numbers: list[int]) -> int:
+    return sum(numbers)

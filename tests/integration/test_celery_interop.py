@@ -60,6 +60,34 @@ def test_flask_tasks_worker_runs_celery_client_messages(basic_app: Flask, redis_
     assert basic.tasks.AsyncResult(result.id).get(timeout=5) == 5
 
 
+def test_celery_worker_runs_flask_tasks_canvas(basic_app: Flask, celery_worker) -> None:
+    from flask_tasks import chain, group
+
+    result = chain(basic.add.s(4, 4), basic.mul.s(8), basic.mul.s(2))()
+    assert result.get(timeout=20) == 128 and result.parent.get(timeout=5) == 64
+    assert group(basic.add.s(i, i) for i in range(4))().get(timeout=20) == [0, 2, 4, 6]
+    assert basic.xsum.map([[1, 2], [3, 4]]).delay().get(timeout=20) == [3, 7]
+    assert basic.add.apply_async((1, 1), link=basic.mul.s(5)).get(timeout=20) == 2
+
+
+def test_flask_tasks_worker_runs_celery_client_canvas(basic_app: Flask, redis_url: str,
+                                                      start_worker) -> None:
+    from celery import chain as celery_chain
+    from celery import group as celery_group
+
+    from tests.apps.celery_side import add, mul, xsum
+
+    start_worker(APP, "-c", "2", env={"TEST_BROKER_URL": redis_url,
+                                      "TEST_RESULT_BACKEND": redis_url})
+    result = celery_chain(add.s(4, 4), mul.s(8), mul.s(2))()
+    assert result.get(timeout=20) == 128 and result.parent.get(timeout=5) == 64
+    assert celery_group(add.s(i, i) for i in range(4))().get(timeout=20) == [0, 2, 4, 6]
+    assert xsum.map([[1, 2], [3, 4]]).delay().get(timeout=20) == [3, 7]
+    assert add.starmap([(1, 2), (3, 4)]).delay().get(timeout=20) == [3, 7]
+    # ...and flask_tasks reads the chain's last result.
+    assert basic.tasks.AsyncResult(result.id).get(timeout=5) == 128
+
+
 def test_package_never_imports_celery() -> None:
     code = ("import flask_tasks, flask_tasks.worker.main, flask_tasks.cli, sys; "
             "assert 'celery' not in sys.modules, 'celery was imported'")

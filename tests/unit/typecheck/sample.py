@@ -36,3 +36,7 @@ add.apply_async((1, 2), contdown=1.0)  # error
 add.apply_async((1, 2), priority="high")  # error
 tasks.send_task("sample.add", (1, 2), queue="hipri", expires=60)
 tasks.send_task("sample.add", (1, 2), qeue="hipri")  # error
+add.s(1)
+add.si(1, 2)
+add.si("x", 2)  # error
+chained = add.s(1, 2) | add.s(3)
