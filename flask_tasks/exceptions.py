@@ -12,6 +12,7 @@ The hierarchy::
         ├── DecodeError                 a message or result that cannot be decoded
         ├── TimeoutError                (also builtins.TimeoutError) AsyncResult.get() gave up
         ├── TaskRevokedError            the task was revoked
+        ├── ChordError                  a chord's header task failed: its body fails with this
         ├── MaxRetriesExceededError     retry() past max_retries
         ├── TimeLimitExceeded           hard time limit: the task was stopped
         ├── Retry                       raised by Task.retry() to request a retry
@@ -72,6 +73,13 @@ class TimeoutError(TasksError, builtins.TimeoutError):  # noqa: A001 - Celery's 
 
 class TaskRevokedError(TasksError):
     """The task was revoked before or while it ran."""
+
+
+class ChordError(TasksError):
+    """A header task of a chord failed (or was revoked): the body's result is this error.
+
+    The message names the failed header task's id and its exception.
+    """
 
 
 class MaxRetriesExceededError(TasksError):

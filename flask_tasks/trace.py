@@ -6,7 +6,8 @@ is published) and the decoded :class:`~flask_tasks.protocol.Context`;
 nothing is found through ``current_app``. It never raises for the task's own
 error: the :class:`Outcome` says what happened. One call, in order:
 
-1. past its ``expires``: not run; REVOKED stored, ``task_revoked(expired=True)``;
+1. past its ``expires``: not run; REVOKED stored (and counted for its chord),
+   ``task_revoked(expired=True)``;
 2. STARTED stored (with ``track_started``);
 3. inside ``app.app_context()``: ``task_prerun``, ``before_start``, the body
    (with the soft time limit; an ``autoretry_for`` exception becomes
@@ -14,12 +15,15 @@ error: the :class:`Outcome` says what happened. One call, in order:
 
    - success: the ``link`` callbacks and the chain's next step sent (with
      the return value; their results are ``request.children``), SUCCESS
-     stored, ``on_success``, ``task_success``;
+     stored, a chord's header task counted
+     (:func:`flask_tasks.canvas.callbacks.on_chord_part`), ``on_success``,
+     ``task_success``;
    - :class:`~flask_tasks.exceptions.Retry`: RETRY stored, ``on_retry``, ``task_retry``;
    - :class:`~flask_tasks.exceptions.Ignore` / :class:`~flask_tasks.exceptions.Reject`:
      nothing stored, the worker acks, rejects or requeues;
    - an exception: FAILURE stored, the ``link_error`` errbacks
-     (:func:`flask_tasks.canvas.callbacks.on_failure`), ``on_failure``, ``task_failure``;
+     (:func:`flask_tasks.canvas.callbacks.on_failure`), a chord's header task
+     counted (its chord fails), ``on_failure``, ``task_failure``;
 
    then ``after_return`` (not after a retry, Ignore or Reject) and ``task_postrun``;
    the app context's teardown runs last.
@@ -151,7 +155,8 @@ def trace_task(app: Flask, state: TaskApp, task: Task[Any, Any], request: Contex
                     backend.store_result(task_id, retval, states.SUCCESS, request=request,
                                          extended=extended, defer=True)
                     _flush_if_watched(state, task)
-                # Later, here: the chord's count (request.chord).
+                if request.chord:  # after the result is stored; never raises
+                    callbacks.on_chord_part(state, request, states.SUCCESS, retval)
                 if request.is_eager:  # what a caller would get back from a worker
                     retval = backend.decode(backend.encode(retval))
             except Retry as exc:
@@ -248,7 +253,8 @@ def _fail(state: TaskApp, task: Task[Any, Any], request: Context, outcome: Outco
             logger.exception("Could not store the failure of task %s[%s]", task.name, request.id)
     if request.errbacks:  # after FAILURE is stored, before on_failure; never raises
         callbacks.on_failure(state, request, exc, text)
-    # Later, here: the chord's error (request.chord).
+    if request.chord:  # the chord ends: its body fails (never raises)
+        callbacks.on_chord_part(state, request, states.FAILURE, exc)
     _call_handler(task, "on_failure", exc, request.id, request.args, request.kwargs, text)
     send_robust(task_failure, task, task_id=request.id, exception=exc, args=request.args,
                 kwargs=request.kwargs, traceback=text, einfo=text)
@@ -270,6 +276,8 @@ def _expired(state: TaskApp, task: Task[Any, Any], request: Context, store: bool
             state.backend.store_result(request.id, exc, states.REVOKED, str(exc), request=request)
         except Exception:
             logger.exception("Could not store the revocation of %s", request.id)
+    if request.chord:  # a revoked header task ends the chord
+        callbacks.on_chord_part(state, request, states.REVOKED, exc)
     send_robust(task_revoked, task, request=request, terminated=False, signum=None, expired=True)
     return Outcome(state=states.REVOKED, exc=exc, action=ACK, reason=str(exc))
 

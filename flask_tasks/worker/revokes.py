@@ -4,7 +4,8 @@
 most :data:`REVOKE_INTERVAL` seconds later (:class:`Revokes`). A revoked
 message is acknowledged and not run, or, with ``terminate=True``, its
 running process is killed; either way :meth:`Revokes.report` stores
-``REVOKED`` and sends ``task_revoked``.
+``REVOKED``, counts it for its chord if it is a chord's header task (the
+chord then fails), and sends ``task_revoked``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kombu.message import Message
 
 from .. import states
 from ..app_state import AppState
+from ..canvas import callbacks
 from ..exceptions import TaskRevokedError
 from ..protocol import Context, parse
 from ..signals import send_robust, task_revoked
@@ -69,9 +71,12 @@ class Revokes:
                                             reply_to=message.properties.get("reply_to"))
         except Exception:
             logger.exception("Could not store the revocation of %s", task_id)
+        request = self._request(message, name, task_id)
+        if request.chord:  # a revoked header task ends its chord (never raises)
+            callbacks.on_chord_part(self.state, request, states.REVOKED, exc)
         task = self.state.get_task(name)
         if task is not None:
-            send_robust(task_revoked, task, request=self._request(message, name, task_id),
+            send_robust(task_revoked, task, request=request,
                         terminated=terminated, signum=9 if terminated else None, expired=False)
 
     def _request(self, message: Message, name: str, task_id: str) -> Context:

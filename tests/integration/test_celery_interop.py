@@ -88,6 +88,29 @@ def test_flask_tasks_worker_runs_celery_client_canvas(basic_app: Flask, redis_ur
     assert basic.tasks.AsyncResult(result.id).get(timeout=5) == 128
 
 
+def test_celery_worker_runs_a_flask_tasks_chord(basic_app: Flask, celery_worker) -> None:
+    """A chord we publish: a Celery 5.7 worker counts its header in Celery's Redis keys
+    (the size we set) and sends the body we froze."""
+    from flask_tasks import chord, group
+
+    result = chord(basic.add.s(i, i) for i in range(5))(basic.xsum.s())
+    assert result.get(timeout=30) == 20
+    assert (group(basic.add.s(1, 1), basic.add.s(2, 2)) | basic.xsum.s())().get(timeout=30) == 6
+
+
+def test_flask_tasks_worker_runs_a_celery_client_chord(basic_app: Flask, redis_url: str,
+                                                       start_worker) -> None:
+    from celery import chord as celery_chord
+
+    from tests.apps.celery_side import add, xsum
+
+    start_worker(APP, "-c", "2", env={"TEST_BROKER_URL": redis_url,
+                                      "TEST_RESULT_BACKEND": redis_url})
+    result = celery_chord(add.s(i, i) for i in range(5))(xsum.s())
+    assert result.get(timeout=30) == 20
+    assert basic.tasks.AsyncResult(result.id).get(timeout=5) == 20
+
+
 def test_package_never_imports_celery() -> None:
     code = ("import flask_tasks, flask_tasks.worker.main, flask_tasks.cli, sys; "
             "assert 'celery' not in sys.modules, 'celery was imported'")

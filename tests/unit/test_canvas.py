@@ -183,13 +183,47 @@ def test_arguments_are_checked_as_delay_checks_them(app: Flask) -> None:
         add.s(1, 2).set(quue="x").delay()
 
 
-def test_chord_is_not_there_yet(app: Flask) -> None:
-    with pytest.raises(NotImplementedError, match="Chords are not there yet"):
-        chord([add.s(1, 1)])(xsum.s())
-    with pytest.raises(NotImplementedError, match="Chords"):
-        (group(add.s(1, 1), add.s(2, 2)) | xsum.s()).delay()
-    with pytest.raises(NotImplementedError, match="Chords"):
+def test_chord_travels_in_the_chord_field(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    published = app.extensions["published"]
+    sizes: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(tasks.state(app).backend, "set_chord_size",
+                        lambda gid, n: sizes.append((gid, n, len(published))))
+    result = chord([add.s(1, 1), add.s(2, 2)])(xsum.s())
+    gid = result.parent.id
+    assert isinstance(result.parent, GroupResult) and sizes == [(gid, 2, 0)]  # before sending
+    messages = sent(app)
+    assert [h["task"] for h, _ in messages] == ["canvas.add", "canvas.add"]
+    for index, (headers, (_, _, embed)) in enumerate(messages):
+        assert headers["group"] == gid and headers["group_index"] == index
+        assert headers["id"] == result.parent.results[index].id
+        assert embed["chord"]["task"] == "canvas.xsum"
+        assert embed["chord"]["options"]["task_id"] == result.id
+        assert embed["chain"] is None
+    again = chord([add.s(1, 1)], xsum.s())()  # chord(header, body)()
+    [(_, (_, _, embed))] = sent(app)
+    assert embed["chord"]["options"]["task_id"] == again.id != result.id
+    with pytest.raises(NotImplementedError, match="chord"):
         group(add.s(1, 1)).link(xsum.s())
+
+
+def test_group_then_task_in_a_chain_sends_a_chord(app: Flask,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks.state(app).backend, "set_chord_size", lambda gid, n: None)
+    result = (group(add.s(1, 1), add.s(2, 2)) | xsum.s() | mul.s(2)).delay()
+    messages = sent(app)
+    assert len(messages) == 2
+    body = messages[0][1][2]["chord"]
+    assert body["subtask_type"] == "chain"
+    assert [t["task"] for t in body["kwargs"]["tasks"]] == ["canvas.xsum", "canvas.mul"]
+    assert body["kwargs"]["tasks"][-1]["options"]["task_id"] == result.id
+
+
+def test_eager_chord(eager: Flask) -> None:
+    assert chord(add.s(i, i) for i in range(10))(xsum.s()).get() == 90
+    assert (group(add.s(1, 1), add.s(2, 2)) | xsum.s() | mul.s(2))().get() == 12
+    failed = chord([add.s(1, 1), fail.s("boom")], xsum.s())()
+    with pytest.raises(ValueError, match="boom"):
+        failed.get()
 
 
 # -- the wire -------------------------------------------------------------------------
@@ -419,3 +453,14 @@ def test_a_group_is_checked_whole_before_anything_is_sent(app: Flask) -> None:
     with pytest.raises(TypeError, match="canvas.add"):
         group(add.s(1, 1), add.s(1), add.s(2, 2))()
     assert sent(app) == []
+
+
+def test_a_chord_survives_json(app: Flask) -> None:
+    original = chord([add.s(1, 1), add.s(2, 2)], xsum.s())
+    again = signature(json.loads(json.dumps(original)))
+    assert isinstance(again, chord) and isinstance(again.header, group)
+    assert [t.task for t in again.tasks] == ["canvas.add", "canvas.add"]
+    assert again.body is not None and again.body.task == "canvas.xsum"
+    as_list = dict(json.loads(json.dumps(original)))
+    as_list["kwargs"]["header"] = as_list["kwargs"]["header"]["kwargs"]["tasks"]
+    assert [t.task for t in signature(as_list).tasks] == ["canvas.add", "canvas.add"]
