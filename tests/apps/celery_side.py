@@ -34,3 +34,11 @@ def mul(x: int, y: int) -> int:
 @app.task(name="tests.apps.basic.xsum")
 def xsum(numbers: list[int]) -> int:
     return sum(numbers)
+
+
+@app.task(name="tests.apps.basic.sleep")
+def sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds

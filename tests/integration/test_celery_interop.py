@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -109,6 +110,28 @@ def test_flask_tasks_worker_runs_a_celery_client_chord(basic_app: Flask, redis_u
     result = celery_chord(add.s(i, i) for i in range(5))(xsum.s())
     assert result.get(timeout=30) == 20
     assert basic.tasks.AsyncResult(result.id).get(timeout=5) == 20
+
+
+def test_a_chord_whose_header_celery_and_flask_tasks_workers_share_completes_once(
+        basic_app: Flask, redis_url: str, celery_worker, start_worker) -> None:
+    """Header tasks run by a Celery 5.7 worker and a flask_tasks worker on one queue, mixed:
+    both count in the same Redis keys, and exactly one of them sends the body, once."""
+    from flask_tasks import chord
+
+    worker = start_worker(APP, "-P", "threads", "-c", "2",
+                          env={"TEST_BROKER_URL": redis_url, "TEST_RESULT_BACKEND": redis_url})
+    celery_log = ROOT / ".celery-worker.log"
+    for _ in range(3):
+        result = chord(basic.sleep.s(0.1) for _ in range(12))(basic.xsum.s())
+        assert result.get(timeout=60) == pytest.approx(1.2)
+    time.sleep(1)  # a second body, if any, would have run by now
+    ours, theirs = worker.output, celery_log.read_text()
+    header_ours = ours.count("Task tests.apps.basic.sleep[")
+    header_theirs = theirs.count("Task tests.apps.basic.sleep[")
+    assert header_ours and header_theirs, (header_ours, header_theirs)  # really mixed
+    bodies = (ours.count("Task tests.apps.basic.xsum[") // 2  # "received" and "succeeded"
+              + theirs.count("Task tests.apps.basic.xsum[") // 2)
+    assert bodies == 3, (ours, theirs)
 
 
 def test_package_never_imports_celery() -> None:
