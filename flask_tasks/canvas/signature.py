@@ -16,7 +16,8 @@ from ..exceptions import NotRegistered
 from ..result import AsyncResult
 from .base import CanvasApp, SendCall, call_options, resolve_app
 
-#: ``subtask_type`` -> the class :meth:`Signature.from_dict` builds (filled by primitives).
+#: ``subtask_type`` -> the class :meth:`Signature.from_dict` builds (filled by
+#: primitives, chords and mapping).
 SUBTASK_TYPES: dict[str, type[Signature]] = {}
 
 

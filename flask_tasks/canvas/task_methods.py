@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, Protocol
 
-from .primitives import chunks, xmap, xstarmap
+from .mapping import chunks, xmap, xstarmap
 from .signature import Signature
 
 P = ParamSpec("P")
