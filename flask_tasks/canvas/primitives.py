@@ -30,7 +30,24 @@ def _steps(tasks: tuple[Any, ...]) -> list[Signature]:
     return [Signature.from_dict(t) for t in tasks]
 
 
-class chain(Signature):  # noqa: N801 - Celery's name
+class _Tasks(Signature):
+    """A signature whose ``kwargs["tasks"]`` are signatures (a chain's steps, a group's
+    members): rebuilt from a dict with each of them rebuilt too."""
+
+    @classmethod
+    def _rebuild(cls, d: Mapping[str, Any], app: CanvasApp | None) -> Signature:
+        sig = super()._rebuild(d, app)
+        sig["kwargs"] = dict(sig.kwargs, tasks=[_member(t, app)
+                                                for t in sig.kwargs.get("tasks") or ()])
+        return sig
+
+    @property
+    def tasks(self) -> list[Signature]:
+        """The steps of a chain, first to last; the members of a group, in order."""
+        return self.kwargs["tasks"]  # type: ignore[no-any-return]
+
+
+class chain(_Tasks):  # noqa: N801 - Celery's name
     """Run the tasks one after the other, each getting the previous one's return value.
 
     ``chain(add.s(4, 4), mul.s(8))()`` or ``add.s(4, 4) | mul.s(8)``. The
@@ -46,17 +63,6 @@ class chain(Signature):  # noqa: N801 - Celery's name
         Signature.__init__(self, "celery.chain", (), {"tasks": steps}, options=options,
                            subtask_type="chain")
 
-    @classmethod
-    def _rebuild(cls, d: Mapping[str, Any], app: CanvasApp | None) -> Signature:
-        sig = super()._rebuild(d, app)
-        sig["kwargs"] = dict(sig.kwargs, tasks=[_member(t, app)
-                                                for t in sig.kwargs.get("tasks") or ()])
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        """The steps, first to last."""
-        return self.kwargs["tasks"]  # type: ignore[no-any-return]
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, Mapping):
@@ -153,7 +159,7 @@ class chain(Signature):  # noqa: N801 - Celery's name
         return last
 
 
-class group(Signature):  # noqa: N801 - Celery's name
+class group(_Tasks):  # noqa: N801 - Celery's name
     """Run the tasks in parallel: ``group(add.s(i, i) for i in range(10))()``.
 
     Returns a :class:`~flask_tasks.result.GroupResult`; its ``get()`` gives
@@ -165,17 +171,6 @@ class group(Signature):  # noqa: N801 - Celery's name
         Signature.__init__(self, "celery.group", (), {"tasks": _steps(tasks)}, options=options,
                            subtask_type="group", app=app)
 
-    @classmethod
-    def _rebuild(cls, d: Mapping[str, Any], app: CanvasApp | None) -> Signature:
-        sig = super()._rebuild(d, app)
-        sig["kwargs"] = dict(sig.kwargs, tasks=[_member(t, app)
-                                                for t in sig.kwargs.get("tasks") or ()])
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        """The members, in order."""
-        return self.kwargs["tasks"]  # type: ignore[no-any-return]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Send the group (Celery's ``group()``); see :meth:`apply_async`."""

@@ -133,12 +133,16 @@ class RevokeStream:
                 logger.warning("Could not read all of %s within %.0f s; the rest of the "
                                "revokes are read later.", QUEUE, CATCH_UP)
         except Exception:
-            self._connection = None
-            try:
-                connection.close()
-            except Exception:  # dead already
-                pass
+            self._drop(connection)
             raise
+
+    def _drop(self, connection: Any) -> None:
+        """Forget a connection that failed (the next read connects again) and close it."""
+        self._connection = None
+        try:
+            connection.close()
+        except Exception:  # dead already
+            pass
 
     def read(self) -> dict[str, bool]:
         """The unexpired revokes (task id -> terminate), with what arrived since the last read.
@@ -157,11 +161,7 @@ class RevokeStream:
                 except TimeoutError:
                     pass
                 except Exception:
-                    self._connection = None
-                    try:
-                        connection.close()
-                    except Exception:  # dead already
-                        pass
+                    self._drop(connection)
                     raise
             now = time.time()
             self._known = {task_id: entry for task_id, entry in self._known.items()
